@@ -1,0 +1,3 @@
+from nexttools.cli import main
+
+main()

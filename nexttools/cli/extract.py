@@ -1,0 +1,1 @@
+"""``nexttools extract``: placeholder registration until the extraction core lands."""

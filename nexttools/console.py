@@ -1,0 +1,42 @@
+"""One rich console on stderr, and the progress bar every long loop uses.
+
+stdout is reserved for machine-readable output (``--json``), so everything human goes to stderr.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True, highlight=False)
+
+
+def progress(*extra_columns: TextColumn) -> Progress:
+    """A progress display on stderr: spinner, description, bar, N/M, elapsed and remaining time.
+
+    ``extra_columns`` are appended, e.g. ``TextColumn("loss {task.fields[loss]:.3g}")``.
+    """
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        *extra_columns,
+        console=console,
+        transient=False,
+    )
+
+
+def warn(message: str) -> None:
+    """Print a one-line warning on stderr."""
+    console.print(f"[yellow]warning:[/yellow] {message}", markup=True, soft_wrap=True)
