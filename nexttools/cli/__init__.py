@@ -47,4 +47,4 @@ def main() -> None:
 
 
 # Subcommands register themselves on `cli`; imported last so that they can import it.
-from nexttools.cli import extract  # noqa: E402, F401
+from nexttools.cli import extract, extrapolate, fit, push  # noqa: E402, F401

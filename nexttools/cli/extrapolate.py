@@ -1,0 +1,1 @@
+"""``nexttools extrapolate``: registered here once its core lands."""

@@ -1,0 +1,1 @@
+"""``nexttools fit``: registered here once its core lands."""

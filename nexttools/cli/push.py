@@ -1,0 +1,1 @@
+"""``nexttools push``: registered here once its core lands."""
