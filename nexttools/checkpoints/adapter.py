@@ -1,0 +1,441 @@
+"""PEFT LoRA adapters, read with PEFT's exact semantics but without PEFT or the base model.
+
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or a
+``torch.save``'d ``adapter_model.bin``). For every LoRA module PEFT's merged weight is
+``W0 + s·B·A`` (``nn.Linear``) or ``W0 + s·(B·A)ᵀ`` (GPT-2 ``Conv1D`` with ``fan_in_fan_out``, and
+embeddings), with the scaling ``s = alpha/r`` (``alpha/√r`` under rsLoRA) resolved per module
+through ``rank_pattern``/``alpha_pattern``. This module maps adapter keys to base weight names,
+resolves ``s``, decides the orientation and hands out the factors, scaling folded in, so that the
+rank-1 engine never needs PEFT, the base, or an out×in matrix. Anything whose merge is not that
+additive formula relative to the original base (DoRA, LoRA biases, PiSSA-style inits, MoE
+``target_parameters``, LoRA variants, ...) is refused with one line naming the file and field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nexttools.checkpoints.discover import CheckpointRef
+from nexttools.checkpoints.weights import ModelWeights, SafetensorsHeader, read_safetensors_header
+from nexttools.console import warn
+from nexttools.errors import UserError
+from nexttools.lowrank import LowRankFactors
+
+CONFIG_FILE = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
+# Key segments after which PEFT (in memory, and verl's raw shards) puts the adapter name.
+_ADAPTER_NAME_OWNERS = {
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "modules_to_save",
+}
+# LoraConfig fields that switch on a LoRA variant whose merge is not W0 + s·B·A.
+_VARIANT_FIELDS = (
+    "use_bdlora",
+    "alora_invocation_tokens",
+    "velora_config",
+    "kasa_config",
+    "monteclora_config",
+    "arrow_config",
+    "megatron_config",
+    "use_qalora",
+)
+# init_lora_weights values that rewrite the base to W0 - s·B0·A0 (reference §1.7). The other
+# inits (True/False, "gaussian", "orthogonal", "eva", "mica") keep the base as it is.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA module, as it applies to one base weight.
+
+    ``name`` is the base weight's name, ``shape`` its ``(rows, cols)`` on disk. With A ``(r, a)`` and
+    B ``(b, r)`` from the file: ΔW = scaling · B A (``(b, a)``), or its transpose when ``transposed``
+    (``fan_in_fan_out`` Conv1D and embeddings, ``(a, b)``). ``key_a``/``key_b`` are the file's keys.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    alpha: float
+    scaling: float
+    transposed: bool
+    key_a: str
+    key_b: str
+
+    @property
+    def is_embedding(self) -> bool:
+        """Embedding LoRA (``lora_embedding_A/B``): always transposed, never re-oriented by shape."""
+        return self.key_a.endswith("lora_embedding_A")
+
+
+class _TensorFile:
+    """The adapter's tensors: names, shapes and dtypes up front, values one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._header: SafetensorsHeader | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        if path.suffix == ".safetensors":
+            self._header = read_safetensors_header(path)
+            self.shapes = {key: info.shape for key, info in self._header.tensors.items()}
+        else:
+            self._tensors = _load_bin(path)
+            self.shapes = {key: tuple(value.shape) for key, value in self._tensors.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as stored; from safetensors in a new buffer (see :mod:`.weights` for why)."""
+        if self._tensors is not None:
+            return self._tensors[key]
+        assert self._header is not None  # one of the two is set in __init__
+        return self._header.read(key)
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` with ``weights_only=True`` (never unpickle code); mmap'd when the file allows it."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be mmap'd
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable weights-only torch file ({type(error).__name__})") from error
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise UserError(f"{path}: not a state dict of named tensors")
+    return state
+
+
+class AdapterCheckpoint:
+    """One PEFT LoRA adapter checkpoint (obtained from :func:`open_adapter`).
+
+    Attributes:
+        ref: the checkpoint.
+        config: ``adapter_config.json`` as a dict.
+        modules: base weight name -> :class:`LoraModule`, sorted by name.
+        carried: base weight name -> adapter key, for the absolute tensors the adapter stores
+            (``modules_to_save``, saved embedding layers, trained biases). A name can be both a LoRA
+            module and carried (a LoRA'd embedding saved with ``save_embedding_layers``): the carried
+            tensor then replaces the base weight and the LoRA delta applies on top of it.
+        scaling_rule: ``"alpha/r"`` or ``"alpha/sqrt(r)"`` (rsLoRA).
+        base_model_name_or_path: the base recorded by the trainer, or None.
+        files: the adapter's weight file and ``adapter_config.json`` (what :func:`fingerprint` covers).
+    """
+
+    def __init__(
+        self,
+        ref: CheckpointRef,
+        config: dict[str, Any],
+        tensors: _TensorFile,
+        modules: dict[str, LoraModule],
+        carried: dict[str, str],
+    ) -> None:
+        self.ref = ref
+        self.config = config
+        self._tensors = tensors
+        self.modules = dict(sorted(modules.items()))
+        self.carried = dict(sorted(carried.items()))
+        self.scaling_rule = "alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r"
+        base = config.get("base_model_name_or_path")
+        self.base_model_name_or_path: str | None = base if isinstance(base, str) and base else None
+        self.files = [tensors.path, ref.path / CONFIG_FILE]
+
+    def factors(self, name: str) -> LowRankFactors:
+        """ΔW of module ``name`` as float32 factors in the base weight's orientation.
+
+        Linear: left = s·B ``(out, r)``, right = Aᵀ ``(in, r)``. Transposed (Conv1D, embedding):
+        left = s·Aᵀ ``(rows, r)``, right = B ``(cols, r)``. bf16/fp16 adapters are upcast first
+        (exactly), and the scaling is applied once, in float32.
+        """
+        module = self.modules[name]
+        lora_a = self._tensors.get(module.key_a).to(torch.float32)
+        lora_b = self._tensors.get(module.key_b).to(torch.float32)
+        if module.transposed:
+            left, right = lora_a.T * module.scaling, lora_b
+        else:
+            left, right = lora_b * module.scaling, lora_a.T
+        return LowRankFactors(left=left.contiguous(), right=right.contiguous())
+
+    def carried_tensor(self, name: str) -> torch.Tensor:
+        """The absolute tensor stored for base weight ``name``, as stored (dtype included)."""
+        return self._tensors.get(self.carried[name])
+
+    def check_base(self, base: ModelWeights) -> None:
+        """Check every module against the base's shapes, settling the orientation; refuse mismatches.
+
+        A Linear module whose configured orientation does not fit the base but whose transpose does
+        is re-oriented (PEFT forces ``fan_in_fan_out`` per layer type, whatever the config says); a
+        square weight keeps the configured orientation. Carried tensors must match the base where
+        the base has that name (a resized vocabulary is not supported).
+        """
+        for name, module in self.modules.items():
+            if name in self.carried:
+                expected = self._tensors.shapes[self.carried[name]]
+            elif name in base:
+                expected = base.shape(name)
+            else:
+                tied = base.config.get("tie_word_embeddings") and name.endswith("lm_head.weight")
+                why = "the base ties it to the input embedding" if tied else "wrong --base?"
+                raise UserError(
+                    f"{self.ref.path}: LoRA module {name.removesuffix('.weight')} has no weight {name} "
+                    f"in the base {base.folder} ({why})"
+                )
+            if expected == module.shape:
+                continue
+            flipped = (module.shape[1], module.shape[0])
+            if expected == flipped and not module.is_embedding:
+                self.modules[name] = replace(module, shape=flipped, transposed=not module.transposed)
+                continue
+            raise UserError(
+                f"{self.ref.path}: {name} has shape {tuple(expected)} in the base {base.folder}, "
+                f"but the adapter's LoRA factors give {module.shape} (wrong --base?)"
+            )
+        for name, key in self.carried.items():
+            if name in base and base.shape(name) != self._tensors.shapes[key]:
+                raise UserError(
+                    f"{self.ref.path}: saved tensor {key} has shape {self._tensors.shapes[key]} but {name} "
+                    f"has {base.shape(name)} in the base {base.folder} (resized vocabulary or wrong --base?)"
+                )
+
+
+def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:
+    """Open the adapter of a LoRA checkpoint: read its config and tensor index, validate, map keys.
+
+    Tensors are not read (except for ``.bin`` files, which cannot be read lazily). Raises
+    ``UserError`` for a missing or unreadable config or weight file, an unsupported adapter feature,
+    or an adapter with no LoRA tensors (a DeepSpeed ZeRO-3 placeholder).
+    """
+    if ref.kind != "lora":
+        raise ValueError(f"open_adapter needs a LoRA checkpoint, got kind={ref.kind!r} for {ref.path}")
+    config_path = ref.path / CONFIG_FILE
+    config = _read_config(config_path)
+    _refuse_unsupported(config_path, config)
+    weights_path = next(
+        (
+            ref.path / name
+            for name in ("adapter_model.safetensors", "adapter_model.bin")
+            if (ref.path / name).is_file()
+        ),
+        None,
+    )
+    if weights_path is None:
+        raise UserError(f"{ref.path}: no adapter_model.safetensors or adapter_model.bin")
+    tensors = _TensorFile(weights_path)
+    modules, carried = _map_keys(weights_path, tensors.shapes, config)
+    return AdapterCheckpoint(ref, config, tensors, modules, carried)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path.parent}: no {CONFIG_FILE} beside the adapter weights")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON") from error
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return config
+
+
+def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
+    """Refuse, naming the field, every config whose merge is not PEFT's plain additive LoRA."""
+    peft_type = str(config.get("peft_type") or "LORA")
+    if peft_type.upper() != "LORA":
+        raise UserError(f"{path}: peft_type={peft_type!r} is not supported (only LoRA adapters are)")
+    reasons = {
+        "use_dora": "DoRA rescales each row of W0 + ΔW, so its update is not additive",
+        "lora_bias": "LoRA biases (lora_B.bias) are not supported",
+        "target_parameters": "LoRA on raw parameters (MoE experts) is not supported",
+        "layer_replication": "replicated layers cannot be mapped onto the base checkpoint",
+        "trainable_token_indices": "trainable token rows are not supported",
+    }
+    reasons.update({field: "this LoRA variant's merge is not W0 + s·B·A" for field in _VARIANT_FIELDS})
+    for field, why in reasons.items():
+        if config.get(field):
+            raise UserError(f"{path}: {field}={config[field]!r} is not supported ({why})")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise UserError(
+            f"{path}: init_lora_weights={init!r} rewrites the base weights, so these adapters are relative "
+            "to a residual model; the initial adapter is needed: convert each checkpoint with PEFT's "
+            "path_initial_model_for_weight_conversion (LLaMA-Factory: pissa_convert) and pass the "
+            "converted adapters"
+        )
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise UserError(
+            f"{path}: lora_alpha={alpha!r} is not a usable alpha (verl's model merger writes 0): set the "
+            "real lora_alpha in this file (verl records it in lora_train_meta.json or "
+            "actor_rollout_ref.model.lora_alpha)"
+        )
+
+
+def normalise_key(key: str) -> str:
+    """An adapter file key in base-model terms: no ``base_model.model.`` prefix, no adapter name segment.
+
+    ``base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight`` ->
+    ``model.layers.0.mlp.up_proj.lora_A.weight`` (the ``.default`` segment only appears in raw
+    shards such as verl's; PEFT's own files drop it).
+    """
+    parts = key.removeprefix(_PEFT_PREFIX).split(".")
+    kept = [
+        part
+        for index, part in enumerate(parts)
+        if not (part == "default" and index > 0 and parts[index - 1] in _ADAPTER_NAME_OWNERS)
+    ]
+    return ".".join(kept)
+
+
+def _map_keys(
+    path: Path, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]
+) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """Sort the file's keys into LoRA modules (keyed by base weight name) and carried absolute tensors."""
+    pairs: dict[str, dict[str, str]] = {}  # module path -> {"A"/"B"/"embA"/"embB": key}
+    carried: dict[str, str] = {}
+    suffixes = {
+        ".lora_A.weight": "A",
+        ".lora_B.weight": "B",
+        ".lora_embedding_A": "embA",
+        ".lora_embedding_B": "embB",
+    }
+    for key in shapes:
+        normal = normalise_key(key)
+        role = next((suffixes[s] for s in suffixes if normal.endswith(s)), None)
+        if role is not None:
+            module_path = normal[: normal.rfind(".lora_")]
+            pairs.setdefault(module_path, {})[role] = key
+        elif normal.endswith(".lora_B.bias"):
+            raise UserError(f"{path}: holds {key} (lora_bias), which is not supported")
+        elif "lora_magnitude_vector" in normal:
+            raise UserError(f"{path}: holds {key} (use_dora: DoRA magnitude), which is not supported")
+        elif "trainable_tokens_delta" in normal:
+            raise UserError(f"{path}: holds {key} (trainable_token_indices), which is not supported")
+        elif any(part.startswith("lora_") for part in normal.split(".")):
+            raise UserError(f"{path}: holds {key}, which is not a plain LoRA A/B tensor")
+        else:
+            name = ".".join(
+                part for part in normal.split(".") if part not in ("modules_to_save", "base_layer")
+            )
+            if name in carried:
+                raise UserError(f"{path}: {carried[name]} and {key} both map to {name}")
+            carried[name] = key
+    if not pairs:
+        raise UserError(
+            f"{path}: holds no LoRA tensors (lora_A/lora_B); a DeepSpeed ZeRO-3 placeholder? "
+            "save with stage3_gather_16bit_weights_on_model_save=true"
+        )
+
+    modules: dict[str, LoraModule] = {}
+    rank_disagreements: list[str] = []
+    for module_path, roles in pairs.items():
+        module = _lora_module(path, module_path, roles, shapes, config)
+        configured_r = _pattern_value(config.get("rank_pattern"), module_path, config.get("r", 8))
+        if configured_r != module.rank:
+            rank_disagreements.append(
+                f"{module_path}: r={module.rank} in the file, {configured_r} in the config"
+            )
+        modules[module.name] = module
+    if rank_disagreements:
+        warn(
+            f"{path}: {len(rank_disagreements)} module(s) have a LoRA rank that differs from "
+            f"adapter_config.json (e.g. {rank_disagreements[0]}); using the ranks of the tensors"
+        )
+    return modules, carried
+
+
+def _lora_module(
+    path: Path,
+    module_path: str,
+    roles: dict[str, str],
+    shapes: dict[str, tuple[int, ...]],
+    config: dict[str, Any],
+) -> LoraModule:
+    """Build one module from its A/B keys: rank from the shapes, alpha from the patterns, orientation."""
+    embedding = "embA" in roles or "embB" in roles
+    key_a, key_b = (roles.get("embA"), roles.get("embB")) if embedding else (roles.get("A"), roles.get("B"))
+    if key_a is None or key_b is None or len(roles) != 2:
+        raise UserError(f"{path}: {module_path} does not have exactly one LoRA A and one LoRA B tensor")
+    shape_a, shape_b = shapes[key_a], shapes[key_b]
+    if len(shape_a) != 2 or len(shape_b) != 2:
+        raise UserError(
+            f"{path}: {module_path} has {len(shape_a)}-D LoRA factors (convolution LoRA is not supported)"
+        )
+    rank = shape_a[0]
+    if shape_b[1] != rank or rank == 0:
+        raise UserError(
+            f"{path}: {module_path} has LoRA factors of shapes {shape_a} and {shape_b}, which do not fit"
+        )
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module_path, config.get("lora_alpha", 8)))
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    transposed = embedding or bool(config.get("fan_in_fan_out"))
+    shape = (shape_a[1], shape_b[0]) if transposed else (shape_b[0], shape_a[1])
+    return LoraModule(
+        name=f"{module_path}.weight",
+        shape=shape,
+        rank=rank,
+        alpha=alpha,
+        scaling=scaling,
+        transposed=transposed,
+        key_a=key_a,
+        key_b=key_b,
+    )
+
+
+def _pattern_value(pattern: Any, module_path: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key`` lookup: the first key (dict order) whose ``(.*\\.)?(KEY)$`` matches wins."""
+    if not isinstance(pattern, dict):
+        return default
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def check_same_targets(adapters: Sequence[AdapterCheckpoint]) -> None:
+    """Refuse a run whose checkpoints do not train the same modules with the same shapes.
+
+    Ranks and scalings may differ between checkpoints (each checkpoint's factors carry their own),
+    but the set of LoRA modules (``target_modules``), their shapes, and the carried tensors
+    (``modules_to_save``) must be the same everywhere.
+    """
+    if not adapters:
+        return
+    first = adapters[0]
+    for other in adapters[1:]:
+        _compare(first, other, "target_modules", set(first.modules), set(other.modules))
+        _compare(first, other, "modules_to_save", set(first.carried), set(other.carried))
+        for name, module in other.modules.items():
+            if module.shape != first.modules[name].shape:
+                raise UserError(
+                    f"{other.ref.path}: {name} has shape {module.shape}, but {first.modules[name].shape} in "
+                    f"{first.ref.path}; all checkpoints must adapt the same base"
+                )
+
+
+def _compare(
+    first: AdapterCheckpoint, other: AdapterCheckpoint, field: str, mine: set[str], theirs: set[str]
+) -> None:
+    if mine == theirs:
+        return
+    missing, extra = sorted(mine - theirs), sorted(theirs - mine)
+    what = "; ".join(
+        f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+        for label, names in (("lacks", missing), ("adds", extra))
+        if names
+    )
+    raise UserError(
+        f"{other.ref.path}: {field} differ from {first.ref.path} ({what}); a run must keep one adapter layout"
+    )
