@@ -1,0 +1,388 @@
+"""Top singular triple ("rank-1") of weight deltas: exactly from LoRA factors, or of a dense matrix.
+
+A LoRA delta is ΔW = left @ right.T with r columns; the deltas NExt needs (DESIGN.md: G_i = ΔW_i,
+L_i = ΔW_i − ΔW_{i−1}, T_i = ΔW_{i+k} − ΔW_i) are differences of two such products, so they are
+``P C Qᵀ`` with the stacked factors P = [L_new, L_old] (rows, 2r), Q = [R_new, R_old] (cols, 2r) and
+C = diag(I, −I). Their top triple is computed from 2r×2r quantities; no rows×cols matrix is built.
+
+Route choice, measured on one Qwen2.5-1.5B-shaped layer (q,k,v,o,gate,up,down, r = 64, 15 checkpoints)
+on the shared 2-core CPU: the Gram route below costs ~120 ms per layer-checkpoint for all 7 modules
+(G, L and T), where the QR route would cost ~16 s per layer for its L and T pairs alone, and a dense
+float64 SVD of a single gate_proj delta takes ~8 s.
+
+* **Gram route (the fast path).** Every checkpoint's factors enter five deltas (G_i, L_i, L_{i+1},
+  T_i, T_{i−k}); their float64 copies and Gram blocks LᵀL, RᵀR are computed once and cached in a
+  :class:`GramCache`. A difference then needs only the cross blocks L_newᵀL_old, R_newᵀR_old (pure GEMM)
+  plus O(r³) work: Cholesky Gp = FᵀF of the stacked left Gram, the top eigenpair (λ, a) of the
+  symmetric core S = F C Gq C Fᵀ (λ = σ²), and then, with *no inverse square root*,
+  v ∝ Q C Fᵀa and u ∝ D v = P C Qᵀv. That is ~2.5·(rows+cols)·r² multiply-adds per checkpoint, about
+  4× fewer than QR of the stacked factors, and GEMM runs far faster than Householder QR.
+* **Its weakness** is the one the brief warns about: Gram matrices square the condition number, so
+  when the delta cancels heavily (consecutive checkpoints nearly equal, or very non-canonical factors
+  B M, M⁻¹A) float64 keeps only about half its digits in those directions. The error is therefore
+  *estimated for each delta*: the first-order error of σ² is γ·(κ_p² + κ_q²), where γ ≈ ε₆₄·√n is the
+  GEMM rounding level and κ² = Σ_j w_j²‖col_j‖² / ‖Σ_j w_j col_j‖² measures how much the stacked
+  columns cancel in forming u and v (≈ 1/δ² for checkpoints a relative step δ apart). Float32 GEMMs
+  were measured ~2.6× faster than float64, but their γ (~1e-6) misses the 1e-5 σ target on ordinary
+  non-canonical factors, so the Grams are float64.
+* **QR route (the exact fallback).** When the estimate exceeds 1e-8 (σ error ≲ 1e-8 is still far
+  inside float32 precision), when the stacked Gram is numerically singular (Cholesky fails, e.g. one
+  factor unchanged), the delta is recomputed from Householder QR of the stacked float64 factors and the
+  SVD of the small core (DESIGN.md): backward stable column by column, so its error is ε₆₄·κ, not
+  ε₆₄·κ². It is 5-10× slower but rare on real runs. Its result below its own rounding floor is a
+  numerically zero delta.
+
+Zero deltas (a zero factor, an identical checkpoint, or a difference below the rounding floor) give
+``Rank1`` with σ = 0 and u = v = 0, as DESIGN.md requires.
+
+Dense deltas (full-weight runs) use :func:`rank1_dense`, a block subspace iteration in float32 on the
+tensor's own device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_EPS64 = float(torch.finfo(torch.float64).eps)
+# Relative first-order error of σ² above which the Gram route hands the delta to the QR route.
+_GRAM_TOLERANCE = 1e-8
+# Dense subspace iteration: block size, step budget, residual tolerance relative to σ, and the min
+# side at or below which a direct SVD is cheaper.
+_DENSE_BLOCK = 8
+_DENSE_MAX_STEPS = 100
+_DENSE_RESIDUAL = 1e-6
+_DENSE_SVD_MAX_SIDE = 128
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankFactors:
+    """A low-rank matrix ΔW = left @ right.T, in the orientation of the base weight.
+
+    left: (rows, r) float32, right: (cols, r) float32. PEFT's scaling (and any transpose) is already
+    folded in, so ``left @ right.T`` *is* the weight delta. Compared by identity (``eq=False``): the
+    Gram cache keys on the object, and element-wise equality of big tensors is not a cheap ``==``.
+    """
+
+    left: Tensor
+    right: Tensor
+
+    def __post_init__(self) -> None:
+        if self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[1]:
+            raise ValueError(
+                f"factors must be (rows, r) and (cols, r); got {tuple(self.left.shape)} and "
+                f"{tuple(self.right.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the delta."""
+        return (self.left.shape[0], self.right.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """r, the inner dimension (an upper bound on the true rank)."""
+        return self.left.shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class Rank1:
+    """Top singular triple of a delta: ΔW ≈ sigma · u vᵀ.
+
+    sigma: float ≥ 0; u: (rows,) float32 unit vector; v: (cols,) float32 unit vector.
+    A zero delta is ``sigma == 0`` with ``u`` and ``v`` all zeros (masked out of training).
+    """
+
+    sigma: float
+    u: Tensor
+    v: Tensor
+
+    @property
+    def is_zero(self) -> bool:
+        """True for a zero delta (σ = 0, u = v = 0)."""
+        return self.sigma == 0.0
+
+
+def zero_rank1(rows: int, cols: int, device: torch.device | str = "cpu") -> Rank1:
+    """The Rank1 of a zero (rows, cols) delta: σ = 0, u = v = 0 (float32)."""
+    zeros = torch.zeros(rows + cols, dtype=torch.float32, device=device)
+    return Rank1(0.0, zeros[:rows], zeros[rows:])
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    """Per-checkpoint work shared by every delta a factor pair takes part in.
+
+    left_t: (r, rows) and right_t: (r, cols) float64, contiguous (the fast GEMM layout);
+    gram_left = leftᵀleft, gram_right = rightᵀright: (r, r) float64. ``factors`` is held so that the
+    object's id, the cache key, cannot be reused while the entry lives.
+    """
+
+    factors: LowRankFactors
+    left_t: Tensor
+    right_t: Tensor
+    gram_left: Tensor
+    gram_right: Tensor
+
+    @property
+    def is_zero(self) -> bool:
+        """Exactly zero product: a factor with no non-zero entry (e.g. PEFT's B = 0 at step 0)."""
+        return bool(self.gram_left.trace() == 0) or bool(self.gram_right.trace() == 0)
+
+
+def _prepare(f: LowRankFactors) -> _Prepared:
+    left_t = f.left.T.to(torch.float64).contiguous()
+    right_t = f.right.T.to(torch.float64).contiguous()
+    return _Prepared(f, left_t, right_t, left_t @ left_t.T, right_t @ right_t.T)
+
+
+class GramCache:
+    """Reuses each factor pair's float64 copies and Gram blocks across the deltas it enters.
+
+    Keyed by the identity of the :class:`LowRankFactors` object, so the caller keeps one object per
+    (module, checkpoint), e.g. the extraction loop holds one module's factors across all checkpoints,
+    computes G_i, L_i and T_i with one cache, then drops the cache (or calls :meth:`clear`) before the
+    next module. Memory: 2× the float32 factors it has seen (float64 copies) plus r×r per entry.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Prepared] = {}
+
+    def prepared(self, f: LowRankFactors) -> _Prepared:
+        """The cached per-factor work for ``f``, computed on first use."""
+        entry = self._entries.get(id(f))
+        if entry is None or entry.factors is not f:
+            entry = _prepare(f)
+            self._entries[id(f)] = entry
+        return entry
+
+    def forget(self, f: LowRankFactors) -> None:
+        """Drop ``f``'s entry (when no later delta needs it)."""
+        self._entries.pop(id(f), None)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def rank1_of_difference(
+    newer: LowRankFactors | None, older: LowRankFactors | None, cache: GramCache | None = None
+) -> Rank1:
+    """Exact top singular triple of ``newer − older`` (``None`` is a zero delta), from the factors.
+
+    Cost O((rows + cols)·r²) with per-checkpoint work reused through ``cache``; memory O((rows+cols)·r).
+    Returns u: (rows,), v: (cols,) float32 unit vectors on the factors' device and σ ≥ 0, or the zero
+    triple. Raises ValueError when both are None or the shapes differ (a programming error).
+    """
+    if newer is None and older is None:
+        raise ValueError("rank1_of_difference needs at least one of newer/older")
+    if newer is not None and older is not None and newer.shape != older.shape:
+        raise ValueError(f"delta shapes differ: {newer.shape} vs {older.shape}")
+    some = newer if newer is not None else older
+    assert some is not None
+    rows, cols = some.shape
+    device = some.left.device
+    if newer is older:
+        return zero_rank1(rows, cols, device)
+
+    get = cache.prepared if cache is not None else _prepare
+    terms = [(get(f), sign) for f, sign in ((newer, 1.0), (older, -1.0)) if f is not None]
+    terms = [(p, sign) for p, sign in terms if not p.is_zero]
+    if not terms:
+        return zero_rank1(rows, cols, device)
+    if len(terms) == 2 and _identical(terms[0][0], terms[1][0]):
+        return zero_rank1(rows, cols, device)
+    result = _gram_route(terms)
+    if result is None:
+        result = _qr_route(terms)
+    if result is None:
+        return zero_rank1(rows, cols, device)
+    sigma, u, v = result
+    return Rank1(sigma, u.to(torch.float32), v.to(torch.float32))
+
+
+def _identical(a: _Prepared, b: _Prepared) -> bool:
+    """Bit-identical factors (a checkpoint saved twice). Unequal Grams prove a difference cheaply."""
+    if a.gram_left.shape != b.gram_left.shape:
+        return False
+    if not (torch.equal(a.gram_left, b.gram_left) and torch.equal(a.gram_right, b.gram_right)):
+        return False
+    return torch.equal(a.factors.left, b.factors.left) and torch.equal(a.factors.right, b.factors.right)
+
+
+def _stacked_grams(terms: list[tuple[_Prepared, float]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gp = PᵀP, Gq = QᵀQ (float64, (2r, 2r) or (r, r)) and the signs c = diag(C)."""
+    if len(terms) == 1:
+        p, sign = terms[0]
+        c = torch.full((p.gram_left.shape[0],), sign, dtype=torch.float64, device=p.left_t.device)
+        return p.gram_left, p.gram_right, c
+    (a, _), (b, _) = terms
+    cross_left = a.left_t @ b.left_t.T
+    cross_right = a.right_t @ b.right_t.T
+    gp = torch.cat([torch.cat([a.gram_left, cross_left], 1), torch.cat([cross_left.T, b.gram_left], 1)])
+    gq = torch.cat([torch.cat([a.gram_right, cross_right], 1), torch.cat([cross_right.T, b.gram_right], 1)])
+    c = torch.cat(
+        [
+            torch.ones(a.gram_left.shape[0], dtype=torch.float64, device=gp.device),
+            -torch.ones(b.gram_left.shape[0], dtype=torch.float64, device=gp.device),
+        ]
+    )
+    return gp, gq, c
+
+
+def _combine(terms: list[tuple[_Prepared, float]], coeffs: Tensor, side: str) -> Tensor:
+    """Σ_j coeffs_j · column_j of the stacked left (``side="left"``) or right factors: (rows,) or (cols,)."""
+    out: Tensor | None = None
+    start = 0
+    for p, _ in terms:
+        mat = p.left_t if side == "left" else p.right_t
+        part = mat.T @ coeffs[start : start + mat.shape[0]]
+        out = part if out is None else out + part
+        start += mat.shape[0]
+    assert out is not None
+    return out
+
+
+def _gram_route(terms: list[tuple[_Prepared, float]]) -> tuple[float, Tensor, Tensor] | None:
+    """Top triple from Gram blocks, or None when its error estimate says the QR route must decide."""
+    gp, gq, c = _stacked_grams(terms)
+    chol, info = torch.linalg.cholesky_ex(gp)
+    if int(info) != 0:
+        return None
+    cgqc = gq * c[:, None] * c[None, :]
+    core = chol.T @ cgqc @ chol  # F C Gq C Fᵀ with F = cholᵀ: (2r, 2r), its eigenvalues are σᵢ²
+    # Only the top eigenvector's *direction* is taken from here (float32 eigh is ~1.6× faster and its
+    # ε₃₂/gap error is far inside the tolerance); σ is measured afterwards as ‖D v‖ in float64.
+    evals, evecs = torch.linalg.eigh(((core + core.T) / 2).to(torch.float32))
+    if not float(evals[-1]) > 0:
+        return None
+    w = c * (chol @ evecs[:, -1].to(torch.float64))  # v ∝ Q w
+    v = _combine(terms, w, "right")
+    v_norm = float(torch.linalg.vector_norm(v))
+    if not v_norm > 0:
+        return None
+    v = v / v_norm
+    z = c * (gq @ w) / v_norm  # C Qᵀ v, so that D v = P z
+    u = _combine(terms, z, "left")
+    sigma = float(torch.linalg.vector_norm(u))
+    if not sigma > 0:
+        return None
+    # First-order rounding error of σ² (relative): γ·(κ_p² + κ_q²), κ² = Σ_j w_j²‖q_j‖² / ‖Σ_j w_j q_j‖²
+    # the cancellation in forming Q w (and P z). Rounding errors of the Gram entries are independent,
+    # so they add in quadrature (ℓ2), like γ = ε·√n itself; the 1e-8 tolerance leaves a margin of 1000×
+    # below the 1e-5 target for the cases where they happen to align.
+    rows, cols = u.shape[0], v.shape[0]
+    gamma = _EPS64 * math.sqrt(max(rows, cols))
+    kappa_q2 = float((w.square() * gq.diagonal()).sum()) / v_norm**2
+    kappa_p2 = float((z.square() * gp.diagonal()).sum()) / sigma**2
+    # Second-order (normwise) term: a perturbation of the whole core of relative size γ·tr·tr/σ².
+    normwise = gamma * float(gp.trace()) * float(gq.trace()) / sigma**2
+    if gamma * (kappa_p2 + kappa_q2) > _GRAM_TOLERANCE or normwise > 1e-4:
+        return None
+    return sigma, u / sigma, v
+
+
+def _qr_route(terms: list[tuple[_Prepared, float]]) -> tuple[float, Tensor, Tensor] | None:
+    """Top triple from Householder QR of the stacked float64 factors and the SVD of the small core.
+
+    Backward stable column by column. Returns None when σ is below the rounding floor
+    8·ε₆₄·Σ_j ‖p_j‖‖q_j‖, i.e. the delta is zero to within float64 arithmetic on the given factors.
+    """
+    p = torch.cat([t.left_t for t, _ in terms]).T
+    q = torch.cat([t.right_t for t, _ in terms]).T
+    c = torch.cat(
+        [torch.full((t.left_t.shape[0],), s, dtype=torch.float64, device=p.device) for t, s in terms]
+    )
+    qp, rp = torch.linalg.qr(p)
+    qq, rq = torch.linalg.qr(q)
+    core = (rp * c[None, :]) @ rq.T
+    left_vecs, svals, right_vecs_h = torch.linalg.svd(core)
+    sigma = float(svals[0])
+    floor = (
+        8 * _EPS64 * float((torch.linalg.vector_norm(p, dim=0) * torch.linalg.vector_norm(q, dim=0)).sum())
+    )
+    if not sigma > floor:
+        return None
+    u = qp @ left_vecs[:, 0]
+    v = qq @ right_vecs_h[0]
+    return sigma, u / torch.linalg.vector_norm(u), v / torch.linalg.vector_norm(v)
+
+
+def rank1_dense(delta: Tensor) -> Rank1:
+    """Float32-accurate top triple of a dense (rows, cols) delta, on the tensor's device.
+
+    Block subspace iteration with a block of 8 and Rayleigh–Ritz: each step costs two (rows×cols)×8
+    GEMMs and converges like (σ₉/σ₁)², so a poor σ₁/σ₂ gap (e.g. 1.01) does not slow it down as it
+    would slow a single-vector power method. It stops when the true residual ‖Δv − σu‖ ≤ 1e-6·σ
+    (Δᵀu = σv holds by construction); if that is not reached in 100 steps it falls back to
+    ``torch.linalg.svd``, which it also uses outright for small matrices (min side ≤ 128), where it is
+    cheaper. Deterministic: the start block comes from a fixed seed. A zero matrix gives the zero triple.
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"rank1_dense needs a 2-D matrix, got shape {tuple(delta.shape)}")
+    a = delta.to(torch.float32)
+    rows, cols = a.shape
+    if not bool(a.any()):
+        return zero_rank1(rows, cols, a.device)
+    if min(rows, cols) <= _DENSE_SVD_MAX_SIDE:
+        return _rank1_svd(a.to(torch.float64))
+    generator = torch.Generator(device=a.device).manual_seed(0)
+    basis = torch.randn(cols, _DENSE_BLOCK, generator=generator, device=a.device, dtype=torch.float32)
+    basis, _ = torch.linalg.qr(basis)
+    for _ in range(_DENSE_MAX_STEPS):
+        image, _ = torch.linalg.qr(a @ basis)  # (rows, b) orthonormal
+        # (cols, b) = Δᵀ·image, so Δ ≈ image @ backᵀ on this subspace. Written as (imageᵀΔ)ᵀ: with a
+        # transposed Δ, CPU torch was measured ~20× slower on these skinny products.
+        back = (image.T @ a).T
+        basis, svals, small_vh = torch.linalg.svd(back, full_matrices=False)
+        sigma = float(svals[0])
+        if not sigma > 0:
+            break
+        u = image @ small_vh[0]
+        v = basis[:, 0]
+        residual = float(torch.linalg.vector_norm(a @ v - sigma * u))
+        if residual <= _DENSE_RESIDUAL * sigma:
+            return Rank1(sigma, u / torch.linalg.vector_norm(u), v / torch.linalg.vector_norm(v))
+    return _rank1_svd(a)
+
+
+def _rank1_svd(a: Tensor) -> Rank1:
+    """Top triple from a full thin SVD (small matrices, or the subspace iteration's fallback)."""
+    left, svals, right_h = torch.linalg.svd(a, full_matrices=False)
+    sigma = float(svals[0])
+    if not sigma > 0:
+        return zero_rank1(a.shape[0], a.shape[1], a.device)
+    return Rank1(sigma, left[:, 0].to(torch.float32), right_h[0].to(torch.float32))
+
+
+def energy_ratio(f: LowRankFactors) -> float:
+    """σ₁ / Σσᵢ of ΔW = left @ right.T (paper §3.2: how much of the update rank-1 captures).
+
+    Exact from QR of the float64 factors and the singular values of the r×r core. NaN for a zero
+    delta, where the ratio is undefined.
+    """
+    _, rp = torch.linalg.qr(f.left.to(torch.float64), mode="r")
+    _, rq = torch.linalg.qr(f.right.to(torch.float64), mode="r")
+    svals = torch.linalg.svdvals(rp @ rq.T)
+    total = float(svals.sum())
+    return float(svals[0]) / total if total > 0 else math.nan
+
+
+def align_sign(r: Rank1, reference_u: Tensor | None) -> Rank1:
+    """Flip (u, v) → (−u, −v) so that u·reference_u ≥ 0 (DESIGN.md "Sign convention").
+
+    With no reference, or a zero one, the largest-|u| entry (first on ties) is made positive.
+    A zero triple is returned as is. σ u vᵀ is unchanged by the flip.
+    """
+    if r.is_zero:
+        return r
+    if reference_u is not None and bool(reference_u.any()):
+        dot = float(torch.dot(r.u.double(), reference_u.to(r.u.device, torch.float64)))
+        return Rank1(r.sigma, -r.u, -r.v) if dot < 0 else r
+    return Rank1(r.sigma, -r.u, -r.v) if float(r.u[int(r.u.abs().argmax())]) < 0 else r
