@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before torch is imported: the tests' matrices are tiny, and on a busy 2-core machine torch's
+# default thread pool makes them ~100x slower. CLI subprocesses inherit these.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 import pytest
 
 from examples.demo_run import DemoRun, build_demo_run
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @pytest.fixture(scope="session")

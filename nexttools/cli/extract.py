@@ -1,1 +1,126 @@
-"""``nexttools extract``: placeholder registration until the extraction core lands."""
+"""``nexttools extract RUN``: parse options, call :func:`nexttools.extract.extract`, print its summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from nexttools.cli import cli
+from nexttools.console import console
+from nexttools.errors import UserError
+from nexttools.extract import ExtractOptions, ExtractSummary, extract
+
+
+def _parse_steps(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int | None, int | None] | None:
+    """``LO:HI`` (inclusive; either end may be empty) -> (lo, hi)."""
+    if value is None:
+        return None
+    lo, sep, hi = value.partition(":")
+    try:
+        bounds = (int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
+    except ValueError:
+        bounds = None
+    if not sep or bounds is None or bounds == (None, None):
+        raise UserError(f"--steps {value!r}: expected LO:HI, e.g. 10:150, 100: or :80")
+    if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
+        raise UserError(f"--steps {value!r}: LO is greater than HI")
+    return bounds
+
+
+@cli.command("extract")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--base", help="Base model: local folder or Hub id [default: the adapters' base_model_name_or_path]."
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("nexttools-run"),
+    help="Working folder shared by extract, fit and extrapolate.",
+)
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Store file [default: WORKDIR/trajectory.h5].",
+)
+@click.option("--k", type=click.IntRange(min=1), default=5, help="Target horizon, in checkpoints.")
+@click.option(
+    "--steps", callback=_parse_steps, metavar="LO:HI", help="Only checkpoints with LO <= step <= HI."
+)
+@click.option("--every", type=click.IntRange(min=1), help="Keep every N-th selected checkpoint.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    help="Where the rank-1 maths runs (auto: cuda when available).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def extract_command(
+    run: Path,
+    base: str | None,
+    workdir: Path,
+    store: Path | None,
+    k: int,
+    steps: tuple[int | None, int | None] | None,
+    every: int | None,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Extract the rank-1 trajectory of every trained module of RUN into the store.
+
+    Re-running it after training went on adds only the new checkpoints.
+    """
+    options = ExtractOptions(
+        run=run,
+        base=base,
+        workdir=workdir,
+        store=store,
+        k=k,
+        steps=steps,
+        every=every,
+        device=device,  # type: ignore[arg-type]  # click.Choice guarantees the literal
+    )
+    summary = extract(options)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
+    else:
+        console.print(summary_table(summary))
+
+
+def summary_table(summary: ExtractSummary) -> Table:
+    """The human summary: what the store holds and what this run computed."""
+    table = Table(title="trajectory store", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    steps = summary.steps
+    shown = ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, {steps[1]}, … {steps[-1]}"
+    table.add_row("store", str(summary.store))
+    table.add_row("run", summary.run_kind)
+    table.add_row("checkpoints", str(summary.checkpoints))
+    table.add_row("steps", shown)
+    table.add_row("modules", f"{summary.modules} rank-1 ({summary.carried} carried as absolute tensors)")
+    if summary.run_kind == "lora":
+        table.add_row("rank", " / ".join(map(str, summary.ranks)))
+        table.add_row("scaling rule", summary.scaling_rule)
+    table.add_row("k (target horizon)", str(summary.k))
+    computed = summary.rows_computed
+    state = "rebuilt, " if summary.rebuilt else ""
+    if not summary.written:
+        state = "up to date, nothing "
+    table.add_row(
+        "rows computed",
+        f"{state}global {computed['global']}, local {computed['local']}, target {computed['target']}",
+    )
+    if summary.energy_ratio is None:
+        table.add_row("rank-1 energy σ1/Σσᵢ", "n/a (full-weight run)")
+    else:
+        lo, median, hi = summary.energy_ratio
+        table.add_row(
+            "rank-1 energy σ1/Σσᵢ", f"min {lo:.3f}  median {median:.3f}  max {hi:.3f} (last global delta)"
+        )
+    return table
