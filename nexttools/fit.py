@@ -1,0 +1,463 @@
+"""``nexttools fit``: train the NExt predictor on a trajectory store, back-test it, save it.
+
+Flow: read the store (all three delta kinds), refuse what cannot be fitted, hold out the last
+``holdout`` target rows, train on the rest and score ``next``, ``linear-rank1`` and ``last-interval``
+on the held-out rows, then train again on every target row (unless ``refit=False``) and save the
+predictor as ``<workdir>/predictor.safetensors`` + ``<workdir>/predictor.json``.
+
+Training samples are the (module, row) pairs with a non-zero global delta and a non-zero target
+(zero deltas, untouched modules and the NaN target tail never enter training).
+
+**Back-test figures.** For a held-out row r and a module j whose true target has σ > 0, the cosine
+between predicted and true target deltas as matrices is ⟨σ̂ûv̂ᵀ, σuvᵀ⟩_F / (‖·‖‖·‖) = (û·u)(v̂·v)
+(signs included; 0 when a method predicts nothing), and the σ error is |σ̂ − σ| / σ. Per module kind
+and overall, both are means over the (module, row) pairs weighted by the true σ: a module whose
+target barely moves must not count as much as one that moves a lot, and the weighted σ error is
+Σ|σ̂ − σ| / Σσ, the relative error of the total movement. The winner has the highest overall cosine
+(direction is what extrapolation needs; the step length is tuned with α).
+
+The default architecture and training settings, and the back-test figures that chose them, are in
+:mod:`nexttools.predictor`'s docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import TextColumn
+from safetensors.torch import load_file, save
+
+from nexttools import __version__
+from nexttools.baselines import Trajectory, last_interval, last_interval_available, linear_rank1
+from nexttools.console import progress
+from nexttools.errors import UserError
+from nexttools.predictor import (
+    DEFAULT_DEPTH,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_WIDTH,
+    Architecture,
+    SigmaScale,
+    TrainedPredictor,
+    TrajectoryNet,
+    build_net,
+    train_nets,
+    training_batches,
+)
+from nexttools.store import DeltaArrays, TrajectoryStore, open_store
+
+PREDICTOR_FORMAT = "nexttools.predictor"
+PREDICTOR_VERSION = 1
+WEIGHTS_FILE = "predictor.safetensors"
+CONFIG_FILE = "predictor.json"
+STORE_FILE = "trajectory.h5"
+METHODS = ("next", "linear-rank1", "last-interval")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Inputs of :func:`fit`. ``store`` defaults to ``<workdir>/trajectory.h5``; ``holdout`` to
+    :func:`default_holdout`; ``device`` is ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``."""
+
+    workdir: Path = Path("nexttools-run")
+    store: Path | None = None
+    epochs: int = DEFAULT_EPOCHS
+    lr: float = DEFAULT_LR
+    width: int = DEFAULT_WIDTH
+    depth: int = DEFAULT_DEPTH
+    seed: int = 0
+    device: str = "auto"
+    holdout: int | None = None
+    refit: bool = True
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class MethodScore:
+    """Back-test figures of one method: σ-weighted means per module kind and ``"overall"``."""
+
+    cosine: dict[str, float]
+    sigma_rel_err: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Backtest:
+    """Held-out rows, figures per method (None: the method cannot predict those rows) and the winner."""
+
+    holdout_rows: int
+    train_rows: int
+    methods: dict[str, MethodScore | None]
+    winner: str
+    summary: str
+
+    def document(self) -> dict:
+        """The ``"backtest"`` part of ``fit --json``."""
+        return {
+            "holdout_rows": self.holdout_rows,
+            "train_rows": self.train_rows,
+            "methods": {name: None if s is None else asdict(s) for name, s in self.methods.items()},
+            "winner": self.winner,
+            "summary": self.summary,
+        }
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` did: the back-test, the saved files and the final training loss."""
+
+    backtest: Backtest
+    weights_path: Path
+    config_path: Path
+    train_loss: float
+    refit: bool
+    store_fingerprint: str
+
+    def document(self) -> dict:
+        """The ``fit --json`` document."""
+        return {
+            "backtest": self.backtest.document(),
+            "predictor": {
+                "path": str(self.weights_path),
+                "config": str(self.config_path),
+                "train_loss": self.train_loss,
+                "refit": self.refit,
+                "store_fingerprint": self.store_fingerprint,
+            },
+        }
+
+
+def default_holdout(target_rows: int) -> int:
+    """A third of the target rows, at least 1 (``target_rows`` ≥ 2)."""
+    return max(1, target_rows // 3)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; an unavailable CUDA is a ``UserError``."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown --device {spec!r} (use auto, cpu or cuda[:N])") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec} asked for CUDA, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported --device {spec!r} (use auto, cpu or cuda[:N])")
+    return device
+
+
+def check_trajectory(trajectory: Trajectory, holdout: int) -> None:
+    """Refuse a trajectory that cannot be fitted and back-tested with ``holdout`` rows (``UserError``)."""
+    k, count = trajectory.k, trajectory.checkpoints
+    if count < k + 2:
+        raise UserError(
+            f"the store has {count} checkpoints; fit needs at least k+2 = {k + 2} (k={k}: one target "
+            "row to train on and one to hold out): extract more checkpoints"
+        )
+    last = trajectory.target_rows
+    for kind, arrays, rows in (
+        ("global", trajectory.global_, slice(None)),
+        ("local", trajectory.local, slice(None)),
+        ("target", trajectory.target, slice(0, last)),
+    ):
+        for name in ("sigma", "u", "v"):
+            if not np.isfinite(getattr(arrays, name)[rows]).all():
+                raise UserError(f"the store has NaN/Inf in {kind}/{name}: re-run `nexttools extract`")
+    if holdout < 1 or holdout >= last:
+        raise UserError(
+            f"--holdout {holdout} leaves nothing to train on: the store has {last} target rows "
+            f"(use 1..{last - 1})"
+        )
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic torch kernels for the duration of a training (restored afterwards)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def train_predictor(
+    trajectory: Trajectory,
+    rows: np.ndarray,
+    *,
+    architecture: Architecture,
+    epochs: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    label: str,
+) -> tuple[TrainedPredictor, dict[str, float]]:
+    """Train fresh networks on target rows ``rows`` with a progress bar; returns them and final losses."""
+    batches, scale = training_batches(trajectory, rows)
+    dims = {key: batch.target.shape[1] for key, batch in batches.items()}
+    nets = {key: build_net(key, dim, architecture, seed) for key, dim in dims.items()}
+    with _deterministic(), progress(TextColumn("loss {task.fields[loss]:.4g}")) as bar:
+        task = bar.add_task(label, total=epochs, loss=float("nan"))
+        losses = train_nets(
+            nets,
+            batches,
+            epochs=epochs,
+            lr=lr,
+            device=device,
+            on_epoch=lambda _epoch, loss: bar.update(task, advance=1, loss=loss),
+        )
+    return TrainedPredictor(nets=nets, sigma_scale=scale, architecture=architecture), losses
+
+
+def module_kind(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` → ``q_proj``: the module's last name part."""
+    parts = name.split(".")
+    return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+
+
+def score(trajectory: Trajectory, predictions: dict[int, DeltaArrays]) -> MethodScore:
+    """Back-test figures of one method from its 1-D predictions of the held-out target rows."""
+    kinds = np.array([module_kind(name) for name in trajectory.modules])
+    weights, cosines, errors, pair_kinds = [], [], [], []
+    for r, pred in predictions.items():
+        true = trajectory.target
+        sigma = true.sigma[r].astype(np.float64)
+        dot_u = _segment_dots(pred.u, true.u[r], trajectory.u_offset)
+        dot_v = _segment_dots(pred.v, true.v[r], trajectory.v_offset)
+        live = sigma > 0
+        weights.append(sigma[live])
+        cosines.append((dot_u * dot_v)[live])
+        errors.append(np.abs(pred.sigma[live].astype(np.float64) - sigma[live]) / sigma[live])
+        pair_kinds.append(kinds[live])
+    w, c, e, k = (np.concatenate(x) for x in (weights, cosines, errors, pair_kinds))
+    cosine, error = {"overall": _weighted(c, w)}, {"overall": _weighted(e, w)}
+    for kind in dict.fromkeys(kinds.tolist()):
+        chosen = k == kind
+        if chosen.any():
+            cosine[kind], error[kind] = _weighted(c[chosen], w[chosen]), _weighted(e[chosen], w[chosen])
+    return MethodScore(cosine=cosine, sigma_rel_err=error)
+
+
+def _segment_dots(a: np.ndarray, b: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Per-module dot products of two concatenated vectors: ``(Σdim,), (Σdim,) -> (M,)`` float64."""
+    return np.add.reduceat(a.astype(np.float64) * b.astype(np.float64), offset[:-1])
+
+
+def _weighted(values: np.ndarray, weights: np.ndarray) -> float:
+    return (
+        float(np.sum(values * weights) / np.sum(weights)) if weights.size and weights.sum() > 0 else math.nan
+    )
+
+
+def backtest(
+    trajectory: Trajectory,
+    holdout: int,
+    *,
+    architecture: Architecture,
+    epochs: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+) -> tuple[Backtest, TrainedPredictor, dict[str, float]]:
+    """Train on all target rows but the last ``holdout``, then score every method on those.
+
+    Returns the figures, and the predictor trained for them with its final losses."""
+    last = trajectory.target_rows
+    train_rows, held = np.arange(last - holdout), np.arange(last - holdout, last)
+    predictor, losses = train_predictor(
+        trajectory,
+        train_rows,
+        architecture=architecture,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        device=device,
+        label="back-test",
+    )
+    methods: dict[str, MethodScore | None] = {}
+    live = {int(r): np.flatnonzero(trajectory.global_.sigma[r] > 0) for r in held}
+    methods["next"] = score(
+        trajectory, {r: predictor.predict_pairs(trajectory, np.full(len(m), r), m) for r, m in live.items()}
+    )
+    methods["linear-rank1"] = score(trajectory, {int(r): linear_rank1(trajectory, int(r)) for r in held})
+    available = all(last_interval_available(trajectory, int(r)) for r in held)
+    methods["last-interval"] = (
+        score(trajectory, {int(r): last_interval(trajectory, int(r)) for r in held}) if available else None
+    )
+    winner, summary = _verdict(methods, trajectory.k)
+    return Backtest(holdout, len(train_rows), methods, winner, summary), predictor, losses
+
+
+def _verdict(methods: dict[str, MethodScore | None], k: int) -> tuple[str, str]:
+    """The method with the highest overall cosine, and one sentence saying so."""
+    scored = {name: s for name, s in methods.items() if s is not None and not math.isnan(s.cosine["overall"])}
+    if not scored:
+        return "none", "No held-out target moved: nothing to compare."
+    winner = max(
+        scored, key=lambda name: (scored[name].cosine["overall"], -scored[name].sigma_rel_err["overall"])
+    )
+    others = ", ".join(f"{name} {s.cosine['overall']:.3f}" for name, s in scored.items() if name != winner)
+    missing = [name for name, s in methods.items() if s is None]
+    note = (
+        f"; {', '.join(missing)} cannot predict these rows (needs {k} earlier checkpoints)" if missing else ""
+    )
+    best = scored[winner]
+    return winner, (
+        f"{winner} predicts the held-out targets best: overall cosine {best.cosine['overall']:.3f} "
+        f"(σ error {best.sigma_rel_err['overall']:.1%}) against {others or 'nothing'}{note}."
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_config(workdir: Path) -> dict | None:
+    """The saved predictor.json, None when there is none; ``UserError`` when it is unreadable."""
+    path = workdir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"{path} is not a readable predictor config ({error}); run `nexttools fit --force`"
+        ) from None
+    if not isinstance(config, dict) or config.get("format") != PREDICTOR_FORMAT:
+        raise UserError(f"{path} is not a nexttools predictor config; run `nexttools fit --force`")
+    return config
+
+
+def save_predictor(workdir: Path, predictor: TrainedPredictor, config: dict) -> tuple[Path, Path]:
+    """Write ``predictor.safetensors`` then ``predictor.json`` (which records the weights' sha256).
+
+    Both are written beside their target and ``os.replace``d; a crash between the two leaves a JSON
+    whose hash does not match, which :func:`load_predictor` refuses: never a whole-looking mix.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights, config_path = workdir / WEIGHTS_FILE, workdir / CONFIG_FILE
+    tensors = {
+        f"{key}.{name}": value.detach().cpu().contiguous()
+        for key, net in predictor.nets.items()
+        for name, value in net.state_dict().items()
+    }
+    partial = weights.with_name(weights.name + ".partial")
+    # Written through open() rather than save_file, which leaves a 0600 file behind; the predictor is
+    # small (kilobytes to a few MB), so serialising it in memory costs nothing.
+    partial.write_bytes(save(tensors, metadata={"format": "pt"}))
+    document = {**config, "weights_sha256": _file_sha256(partial)}
+    os.replace(partial, weights)
+    partial_config = config_path.with_name(config_path.name + ".partial")
+    partial_config.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(partial_config, config_path)
+    predictor.config = document
+    return weights, config_path
+
+
+def load_predictor(workdir: Path, store: TrajectoryStore | Trajectory) -> TrainedPredictor:
+    """The predictor saved in ``workdir``, checked against ``store``'s fingerprint (``UserError`` if
+    missing, incomplete, or trained on another store)."""
+    workdir = Path(workdir)
+    config = _read_config(workdir)
+    weights = workdir / WEIGHTS_FILE
+    if config is None or not weights.is_file():
+        raise UserError(f"no predictor in {workdir}: run `nexttools fit` first")
+    if config.get("version") != PREDICTOR_VERSION:
+        raise UserError(f"{workdir / CONFIG_FILE} has predictor version {config.get('version')!r}; refit")
+    fingerprint = store.fingerprint()
+    if config["store_fingerprint"] != fingerprint:
+        raise UserError(
+            f"the predictor in {workdir} was trained on another store (fingerprint "
+            f"{config['store_fingerprint']}, this store {fingerprint}): run `nexttools fit` again"
+        )
+    if config.get("weights_sha256") != _file_sha256(weights):
+        raise UserError(
+            f"the predictor in {workdir} is incomplete (interrupted fit?): run `nexttools fit` again"
+        )
+    architecture = Architecture(**config["architecture"])
+    tensors = load_file(weights)
+    nets: dict[str, TrajectoryNet] = {}
+    for key, dim in config["nets"].items():
+        net = TrajectoryNet(int(dim), architecture)
+        prefix = f"{key}."
+        net.load_state_dict(
+            {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+        )
+        nets[key] = net.eval()
+    scale = SigmaScale.from_json(config["sigma_scale"])
+    return TrainedPredictor(nets=nets, sigma_scale=scale, architecture=architecture, config=config)
+
+
+def fit(options: FitOptions) -> FitResult:
+    """Back-test, refit and save the predictor for the store in ``options`` (see the module docstring)."""
+    workdir = Path(options.workdir)
+    store_path = Path(options.store) if options.store is not None else workdir / STORE_FILE
+    if options.epochs < 1 or options.width < 1 or options.depth < 1 or not options.lr > 0:
+        raise UserError("--epochs, --width and --depth must be ≥ 1 and --lr > 0")
+    device = resolve_device(options.device)
+    with open_store(store_path) as store:
+        trajectory = Trajectory.from_store(store)
+    holdout = (
+        options.holdout if options.holdout is not None else default_holdout(max(trajectory.target_rows, 2))
+    )
+    check_trajectory(trajectory, holdout)
+    fingerprint = trajectory.fingerprint()
+    existing = None if options.force else _read_config(workdir)
+    if existing is not None and existing.get("store_fingerprint") != fingerprint:
+        raise UserError(
+            f"{workdir / CONFIG_FILE} holds a predictor trained on another store "
+            f"(fingerprint {existing.get('store_fingerprint')}, this store {fingerprint}); "
+            "pass --force to replace it"
+        )
+
+    architecture = Architecture(width=options.width, depth=options.depth)
+    training = {"epochs": options.epochs, "lr": options.lr, "seed": options.seed}
+    result, predictor, losses = backtest(
+        trajectory, holdout, architecture=architecture, device=device, **training
+    )
+    rows = np.arange(trajectory.target_rows if options.refit else trajectory.target_rows - holdout)
+    if options.refit:
+        predictor, losses = train_predictor(
+            trajectory, rows, architecture=architecture, device=device, label="refit", **training
+        )
+    train_loss = float(np.mean(list(losses.values())))
+    weights_path = workdir / WEIGHTS_FILE
+    config = {
+        "format": PREDICTOR_FORMAT,
+        "version": PREDICTOR_VERSION,
+        "path": str(weights_path),
+        "store": str(store_path),
+        "store_fingerprint": fingerprint,
+        "k": trajectory.k,
+        "architecture": asdict(architecture),
+        "nets": {key: net.encode_global[0].in_features for key, net in predictor.nets.items()},
+        "sigma_scale": predictor.sigma_scale.to_json(),
+        "unit_vector_scale": "sqrt(dim)",
+        "training": {
+            **training,
+            "device": str(device),
+            "holdout": holdout,
+            "refit": options.refit,
+            "rows": [int(rows[0]), int(rows[-1])],
+            "steps": [int(trajectory.steps[rows[0]]), int(trajectory.steps[rows[-1]])],
+        },
+        "train_loss": train_loss,
+        "losses": losses,
+        "backtest": result.document(),
+        "versions": {"nexttools": __version__, "torch": torch.__version__},
+    }
+    weights_path, config_path = save_predictor(workdir, predictor, config)
+    return FitResult(result, weights_path, config_path, train_loss, options.refit, fingerprint)
