@@ -1,1 +1,134 @@
-"""``nexttools extrapolate``: registered here once its core lands."""
+"""``nexttools extrapolate``: predictor + last checkpoint -> a drop-in HF model (or a PEFT adapter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from nexttools.cli import cli
+from nexttools.console import console
+
+
+@cli.command("extrapolate")
+@click.option(
+    "--alpha", type=float, default=1.5, help="Extending coefficient α: Ŵ = W_c + α·T̂ (paper default)."
+)
+@click.option(
+    "--method",
+    type=click.Choice(["next", "linear-rank1", "linear-full"]),
+    default="next",
+    help="T̂: the NExt predictor, or a linear baseline (no predictor needed).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["merged", "adapter"]),
+    default="merged",
+    help="A merged HF model, or a PEFT LoRA adapter on the base (LoRA runs).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder.  [default: <workdir>/extrapolated-alpha{α}[-{method}][-adapter]]",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="Output dtype.  [default: the base's]",
+)
+@click.option("--max-shard-size", default="5GB", help="Largest safetensors shard (5GB, 500MB, 2GiB...).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing nexttools output at --out.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be written (files, shards, bytes, dtype) and exit."
+)
+@click.option("--base-model-id", default=None, help="Hub id of the base, for the model card's base_model.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("nexttools-run"))
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Trajectory store.  [default: <workdir>/trajectory.h5]",
+)
+@click.option("--device", default="auto", help="Where to compute: auto (CUDA when available), cpu, cuda[:N].")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Then push the output.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option(
+    "--token",
+    default=None,
+    show_default=False,
+    help="With --push-to-hub: Hub token.  [default: HF_TOKEN or the saved login]",
+)
+@click.option(
+    "--endpoint", envvar="HF_ENDPOINT", default=None, show_envvar=True, help="With --push-to-hub: Hub URL."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def extrapolate_command(
+    alpha: float,
+    method: str,
+    output_format: str,
+    out: Path | None,
+    dtype: str | None,
+    max_shard_size: str,
+    overwrite: bool,
+    dry_run: bool,
+    base_model_id: str | None,
+    workdir: Path,
+    store: Path | None,
+    device: str,
+    push_to_hub: str | None,
+    private: bool,
+    token: str | None,
+    endpoint: str | None,
+    as_json: bool,
+) -> None:
+    """Jump the run ahead: write the last checkpoint moved α·T̂ along its predicted trajectory.
+
+    \b
+    nexttools extrapolate --alpha 1.5                      # -> <workdir>/extrapolated-alpha1.5/
+    nexttools extrapolate --method linear-full --alpha 2   # RL-Extra-style baseline, same writer
+    nexttools extrapolate --format adapter                 # a PEFT adapter to resume LoRA training
+    """
+    from nexttools.errors import UserError
+    from nexttools.extrapolate import ExtrapolateOptions, extrapolate, parse_size
+
+    options = ExtrapolateOptions(
+        workdir=workdir,
+        store=store,
+        alpha=alpha,
+        method=method,  # type: ignore[arg-type]
+        format=output_format,  # type: ignore[arg-type]
+        out=out,
+        dtype=dtype,
+        max_shard_size=parse_size(max_shard_size),
+        overwrite=overwrite,
+        dry_run=dry_run,
+        base_model_id=base_model_id,
+        device=device,
+    )
+    summary = extrapolate(options)
+    if dry_run:
+        console.print(
+            f"dry run: would write {summary.out} ({summary.format}, {summary.method}, α = {summary.alpha:g}, "
+            f"k = {summary.k}, {summary.dtype}, {summary.shards} shard(s), "
+            f"{summary.total_bytes / 1e6:.1f} MB)"
+        )
+        for name, size in summary.files.items():
+            console.print(f"  {name}  {size / 1e6:.2f} MB")
+    document = summary.document()
+    if push_to_hub and not dry_run:
+        from nexttools.hub import push
+
+        try:
+            pushed = push(summary.out, push_to_hub, private=private, token=token, endpoint=endpoint)
+        except UserError as error:  # the model is written and whole: say how to retry the push alone
+            raise UserError(
+                f"{error} (the output is complete at {summary.out}; retry with `nexttools push`)"
+            ) from error
+        console.print(f"Pushed to {pushed.repo_url}: {pushed.commit_url}", soft_wrap=True)
+        document["push"] = pushed.to_json()
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
