@@ -71,7 +71,9 @@ def save_tiny_llama(
         eos_token_id=2,
     )
     model = LlamaForCausalLM(config).to(dtype)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=16
+    )
     model.save_pretrained(out)
     _save_char_tokenizer(out)
     return out
@@ -121,12 +123,14 @@ def trajectory_factors(
     rows_a = [v, v_basis[:, 2], v_basis[:, 3]]
     b = torch.zeros(out_dim, rank, dtype=torch.float64)
     a = torch.zeros(rank, in_dim, dtype=torch.float64)
-    for j, (col, row) in enumerate(zip(cols_b, rows_a)):
+    for j, (col, row) in enumerate(zip(cols_b, rows_a, strict=True)):
         if j < rank:
             b[:, j], a[j] = col, row
     # Non-canonical factors, as an optimiser leaves them: B M, M⁻¹ A with a well-conditioned M.
     mixer = torch.Generator().manual_seed(mix_seed + step)
-    m = torch.eye(rank, dtype=torch.float64) + 0.3 * torch.randn(rank, rank, generator=mixer, dtype=torch.float64)
+    m = torch.eye(rank, dtype=torch.float64) + 0.3 * torch.randn(
+        rank, rank, generator=mixer, dtype=torch.float64
+    )
     return (b @ m) / scaling, torch.linalg.solve(m, a)
 
 
@@ -144,7 +148,7 @@ def save_lora_checkpoint(
 
     peft_model = get_peft_model(copy.deepcopy(base_model), copy.deepcopy(lora_config))
     with torch.no_grad():
-        for index, (name, module) in enumerate(sorted(peft_model.named_modules())):
+        for index, (_, module) in enumerate(sorted(peft_model.named_modules(), key=lambda item: item[0])):
             if not hasattr(module, "lora_A") or "default" not in module.lora_A:
                 continue
             lora_a = module.lora_A["default"].weight
