@@ -436,8 +436,10 @@ def _write_merged(
             dtype = specs[name].dtype
             if name in plan.modules:
                 exact = _compute(plan, run, name, additions, options.alpha, device)
-                # NaN fails the comparison; anything above the dtype's max rounds to inf.
-                if not float(torch.linalg.vector_norm(exact, ord=math.inf)) <= torch.finfo(dtype).max:
+                # NaN fails the comparisons; anything beyond the dtype's range rounds to ±inf.
+                # (aminmax is one pass with no temporary: ~10x cheaper than an inf-norm.)
+                low, high = (float(x) for x in torch.aminmax(exact))
+                if not -torch.finfo(dtype).max <= low <= high <= torch.finfo(dtype).max:
                     raise UserError(
                         f"the extrapolated {name} has non-finite values in {dtype} "
                         "(try a smaller --alpha or --dtype float32); nothing was written"
