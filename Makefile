@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench example lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,23 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
+# The TRL GRPO example (examples/trl_grpo/) in its own venv: TRL is never a core dependency.
+EXAMPLE_VENV := .venv-examples
+EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed
+
+$(EXAMPLE_STAMP): pyproject.toml
+	test -x $(EXAMPLE_VENV)/bin/python || $(PYTHON) -m venv $(EXAMPLE_VENV)
+	$(EXAMPLE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(EXAMPLE_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(EXAMPLE_VENV)/bin/python -m pip install -q -e '.[test,examples]'
+	touch $(EXAMPLE_STAMP)
+
+example: $(EXAMPLE_STAMP)
+	$(EXAMPLE_VENV)/bin/python -m examples.trl_grpo.run --out trl-grpo-run
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nexttools tests benchmarks examples
 	$(VENV)/bin/ruff format --check nexttools tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) demo-run nexttools-run .pytest_cache
+	rm -rf $(VENV) $(EXAMPLE_VENV) demo-run nexttools-run trl-grpo-run .pytest_cache
