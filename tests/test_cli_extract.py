@@ -15,36 +15,11 @@ import pytest
 import torch
 
 from examples.demo_run import DemoRun, save_lora_checkpoint, save_tiny_llama
-from nexttools.cli import main
 from nexttools.store import lock_path, open_store, partial_path, store_lock
+from tests.cli_helpers import assert_one_line_error, invoke
 from tests.conftest import copy_tree
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def invoke(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    """Run ``nexttools ARGS`` in-process through :func:`nexttools.cli.main`; (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["nexttools", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    assert err.rstrip().endswith(errors[0])
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 def select(demo: DemoRun, out: Path, steps: tuple[int, ...]) -> Path:

@@ -17,13 +17,13 @@ import torch
 
 from examples.demo_run import DemoRun, build_demo_run
 from nexttools.checkpoints.weights import ModelWeights
-from nexttools.cli import main
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
 from nexttools.extrapolate import ExtrapolateOptions, default_out, extrapolate, parse_size
 from nexttools.fit import FitOptions, fit, load_predictor
 from nexttools.manifest import MANIFEST_NAME, verify_output
 from nexttools.store import open_store
+from tests.cli_helpers import invoke
 from tests.conftest import copy_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,24 +95,6 @@ def _peft_deltas(base: Path, adapters: list[Path]) -> list[dict[str, torch.Tenso
 
 def _last_checkpoint(run: DemoRun, back: int = 0) -> Path:
     return run.run / f"checkpoint-{run.steps[-1 - back]}"
-
-
-def _run_cli(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> tuple[int, str, str]:
-    """``nexttools ARGS`` through the real entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["nexttools", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-# ---------------------------------------------------------------------------------------------
-# Exactness
 
 
 def test_alpha_zero_reproduces_peft_merge_of_the_last_checkpoint(
@@ -414,8 +396,8 @@ def test_full_weight_run_extrapolates_from_the_last_checkpoint(
 def test_dry_run_writes_nothing(lora_workdir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "dry"
     args = ["extrapolate", "--workdir", str(lora_workdir), "--out", str(out), "--dry-run", "--json"]
-    code, stdout, stderr = _run_cli(
-        [*args, "--max-shard-size", "100KB", "--device", "cpu"], monkeypatch, capsys
+    code, stdout, stderr = invoke(
+        [*args, "--max-shard-size", "100KB", "--device", "cpu"], capsys, monkeypatch
     )
     assert code == 0, stderr
     document = json.loads(stdout)
@@ -430,7 +412,7 @@ def test_cli_writes_the_default_output_folder(
 ) -> None:
     workdir = copy_tree(lora_workdir, tmp_path / "work")
     args = ["extrapolate", "--workdir", str(workdir), "--alpha", "1.5", "--json", "--device", "cpu"]
-    code, stdout, stderr = _run_cli(args, monkeypatch, capsys)
+    code, stdout, stderr = invoke(args, capsys, monkeypatch)
     assert code == 0, stderr
     assert "base_model" in stderr  # only a local path is known: the card will lack base_model
     out = workdir / "extrapolated-alpha1.5"
@@ -449,7 +431,7 @@ def test_parse_size() -> None:
 
 
 def _expect_error(args: list[str], match: str, monkeypatch, capsys) -> str:
-    code, _, stderr = _run_cli(["extrapolate", "--device", "cpu", *args], monkeypatch, capsys)
+    code, _, stderr = invoke(["extrapolate", "--device", "cpu", *args], capsys, monkeypatch)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr
     assert match in errors[0], errors[0]

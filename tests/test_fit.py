@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,39 +13,15 @@ import numpy as np
 import pytest
 
 from examples.demo_run import DemoRun
-from nexttools.cli import main
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
 from nexttools.fit import FitOptions, fit, load_predictor, module_kind
 from nexttools.store import open_store
+from tests.cli_helpers import assert_one_line_error, invoke
 from tests.test_baselines import curved_trajectory, linear_trajectory, write_store
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL = {"epochs": 100, "width": 32, "device": "cpu"}  # seconds on 2 shared cores
-
-
-def invoke(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    """``nexttools ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["nexttools", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from huggingface_hub.repocard import metadata_load
 
 from examples.demo_run import DemoRun
 from nexttools import hub
-from nexttools.cli import main
 from nexttools.manifest import MANIFEST_NAME, write_manifest
+from tests.cli_helpers import invoke
 from tests.conftest import copy_tree
 from tests.hub_stub import USER, HubStub
 
@@ -74,16 +74,8 @@ def stub() -> Iterator[HubStub]:
 def run_cli(
     capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str
 ) -> tuple[int, str, str]:
-    """Run ``nexttools ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["nexttools", *args])
-    capfd.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capfd.readouterr()
-    return code, out, err
+    """:func:`tests.cli_helpers.invoke` with capfd: huggingface_hub also writes to the real stderr."""
+    return invoke(list(args), capfd, monkeypatch)
 
 
 def push_args(

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from nexttools.cli import cli
+from nexttools.cli.options import workdir_options
 from nexttools.console import console
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, ExtractSummary, extract
@@ -37,22 +38,12 @@ def _parse_steps(
 @click.option(
     "--base", help="Base model: local folder or Hub id [default: the adapters' base_model_name_or_path]."
 )
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("nexttools-run"),
-    help="Working folder shared by extract, fit and extrapolate.",
-)
-@click.option(
-    "--store",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Store file [default: WORKDIR/trajectory.h5].",
-)
+@workdir_options
 @click.option("--k", type=click.IntRange(min=1), default=5, help="Target horizon, in checkpoints.")
 @click.option(
     "--steps", callback=_parse_steps, metavar="LO:HI", help="Only checkpoints with LO <= step <= HI."
 )
-@click.option("--every", type=click.IntRange(min=1), help="Keep every N-th selected checkpoint.")
+@click.option("--every", type=click.IntRange(min=1), help="Only checkpoints whose step is a multiple of N.")
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from nexttools.cli import cli
+from nexttools.cli.options import workdir_options
 from nexttools.console import console
 
 
@@ -46,13 +47,7 @@ from nexttools.console import console
     "--dry-run", is_flag=True, help="Print what would be written (files, shards, bytes, dtype) and exit."
 )
 @click.option("--base-model-id", default=None, help="Hub id of the base, for the model card's base_model.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("nexttools-run"))
-@click.option(
-    "--store",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Trajectory store.  [default: <workdir>/trajectory.h5]",
-)
+@workdir_options
 @click.option("--device", default="auto", help="Where to compute: auto (CUDA when available), cpu, cuda[:N].")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Then push the output.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")

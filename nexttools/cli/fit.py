@@ -9,23 +9,14 @@ import click
 from rich.table import Table
 
 from nexttools.cli import cli
+from nexttools.cli.options import workdir_options
 from nexttools.console import console
 from nexttools.fit import METHODS, FitOptions, FitResult, fit
 from nexttools.predictor import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_WIDTH
 
 
 @cli.command("fit")
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("nexttools-run"),
-    help="Working folder shared by extract, fit and extrapolate.",
-)
-@click.option(
-    "--store",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Store file [default: WORKDIR/trajectory.h5].",
-)
+@workdir_options
 @click.option(
     "--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, help="Full-batch training steps."
 )

@@ -1,0 +1,27 @@
+"""Options shared by the commands that work in one folder: ``--workdir`` and ``--store``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def workdir_options(function: F) -> F:
+    """Add ``--workdir`` (default ``./nexttools-run``) and ``--store`` (default ``WORKDIR/trajectory.h5``)."""
+    function = click.option(
+        "--store",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Trajectory store [default: WORKDIR/trajectory.h5].",
+    )(function)
+    return click.option(
+        "--workdir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("nexttools-run"),
+        help="Working folder shared by extract, fit and extrapolate.",
+    )(function)
