@@ -24,7 +24,6 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from nexttools.checkpoints.discover import CheckpointRef, discover_checkpoints
 from nexttools.checkpoints.fingerprint import fingerprint
 from nexttools.checkpoints.weights import ModelWeights
 from nexttools.console import progress, warn
+from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.lowrank import (
     GramCache,
@@ -59,7 +59,6 @@ from nexttools.store import (
     store_lock,
 )
 
-Device = Literal["auto", "cpu", "cuda"]
 Operand = LowRankFactors | torch.Tensor  # a LoRA delta as factors, or a dense ΔW (rows, cols) float32
 
 
@@ -79,7 +78,7 @@ class ExtractOptions:
     k: int = 5
     steps: tuple[int | None, int | None] | None = None
     every: int | None = None
-    device: Device = "auto"
+    device: str = "auto"
 
     @property
     def store_path(self) -> Path:
@@ -461,7 +460,7 @@ def extract(options: ExtractOptions) -> ExtractSummary:
         raise UserError(f"--k must be at least 1, got {options.k}")
     if options.every is not None and options.every < 1:
         raise UserError(f"--every must be at least 1, got {options.every}")
-    device = _device(options.device)
+    device = resolve_device(options.device)
     refs = discover_checkpoints(Path(options.run), steps=options.steps, every=options.every)
     source = _open_source(refs, options.base, device)
     fresh = StoreLayout(
@@ -647,14 +646,6 @@ def _to_arrays(triples: list[Rank1 | None], shape: tuple[int, int]) -> DeltaArra
             u[i] = r.u.detach().to("cpu", torch.float32).numpy()
             v[i] = r.v.detach().to("cpu", torch.float32).numpy()
     return DeltaArrays(sigma, u, v)
-
-
-def _device(name: Device) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device auto or cpu)")
-    return torch.device(name)
 
 
 def _create_folder(folder: Path) -> list[Path]:

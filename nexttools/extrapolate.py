@@ -46,8 +46,9 @@ from nexttools.checkpoints.discover import CheckpointRef
 from nexttools.checkpoints.fingerprint import fingerprint
 from nexttools.checkpoints.weights import ModelWeights
 from nexttools.console import console, progress, warn
+from nexttools.device import resolve_device
 from nexttools.errors import UserError
-from nexttools.fit import CONFIG_FILE, STORE_FILE, load_predictor, resolve_device
+from nexttools.fit import CONFIG_FILE, STORE_FILE, load_predictor
 from nexttools.lowrank import LowRankFactors
 from nexttools.manifest import write_manifest
 from nexttools.store import DeltaArrays, TrajectoryStore, open_store

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save
 from nexttools import __version__
 from nexttools.baselines import Trajectory, last_interval, last_interval_available, linear_rank1
 from nexttools.console import progress
+from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.predictor import (
     DEFAULT_DEPTH,
@@ -138,21 +139,6 @@ class FitResult:
 def default_holdout(target_rows: int) -> int:
     """A third of the target rows, at least 1 (``target_rows`` ≥ 2)."""
     return max(1, target_rows // 3)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; an unavailable CUDA is a ``UserError``."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"unknown --device {spec!r} (use auto, cpu or cuda[:N])") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {spec} asked for CUDA, but torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported --device {spec!r} (use auto, cpu or cuda[:N])")
-    return device
 
 
 def check_trajectory(trajectory: Trajectory, holdout: int) -> None:

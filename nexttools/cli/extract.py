@@ -11,6 +11,7 @@ from rich.table import Table
 from nexttools.cli import cli
 from nexttools.cli.options import workdir_options
 from nexttools.console import console
+from nexttools.device import DEVICE_HELP
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, ExtractSummary, extract
 
@@ -44,12 +45,7 @@ def _parse_steps(
     "--steps", callback=_parse_steps, metavar="LO:HI", help="Only checkpoints with LO <= step <= HI."
 )
 @click.option("--every", type=click.IntRange(min=1), help="Only checkpoints whose step is a multiple of N.")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    help="Where the rank-1 maths runs (auto: cuda when available).",
-)
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def extract_command(
     run: Path,
@@ -74,7 +70,7 @@ def extract_command(
         k=k,
         steps=steps,
         every=every,
-        device=device,  # type: ignore[arg-type]  # click.Choice guarantees the literal
+        device=device,
     )
     summary = extract(options)
     if as_json:

@@ -10,6 +10,7 @@ import click
 from nexttools.cli import cli
 from nexttools.cli.options import workdir_options
 from nexttools.console import console
+from nexttools.device import DEVICE_HELP
 
 
 @cli.command("extrapolate")
@@ -48,7 +49,7 @@ from nexttools.console import console
 )
 @click.option("--base-model-id", default=None, help="Hub id of the base, for the model card's base_model.")
 @workdir_options
-@click.option("--device", default="auto", help="Where to compute: auto (CUDA when available), cpu, cuda[:N].")
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Then push the output.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option(

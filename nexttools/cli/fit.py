@@ -11,6 +11,7 @@ from rich.table import Table
 from nexttools.cli import cli
 from nexttools.cli.options import workdir_options
 from nexttools.console import console
+from nexttools.device import DEVICE_HELP
 from nexttools.fit import METHODS, FitOptions, FitResult, fit
 from nexttools.predictor import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_WIDTH
 
@@ -30,7 +31,7 @@ from nexttools.predictor import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAU
 @click.option(
     "--seed", type=int, default=0, help="Seed of the initialisation (same seed, same predictor on CPU)."
 )
-@click.option("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option(
     "--holdout",
     type=click.IntRange(min=1),
