@@ -14,7 +14,6 @@ loading snippets name the repo.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -25,24 +24,27 @@ from huggingface_hub import ModelCardData
 from huggingface_hub.repocard import metadata_load
 
 from nexttools.console import warn
+from nexttools.errors import UserError
+from nexttools.methods import METHODS
+from nexttools.outputs import get_output
 
 CARD_NAME = "README.md"
 LOCAL_PLACEHOLDER = "path/to/this/folder"
 """Where the snippets point before the output has a repo id (the card is written in a staging folder)."""
 PAPER_URL = "https://arxiv.org/abs/2604.11446"
 
-METHOD_TEXT = {
-    "next": "NExt, a small MLP that predicts the next rank-1 update (σ, u, v) of every trained module "
-    "from its trajectory so far",
-    "linear-rank1": "AlphaRL-style baseline, the rank-1 direction of every module fitted linearly over "
-    "the last k+1 checkpoints and evaluated k checkpoints ahead",
-    "linear-full": "RL-Extra-style baseline, the full update of the last k checkpoints repeated",
-}
 BACKTEST_LABELS = {
     "next": "NExt predictor",
-    "linear-rank1": "linear rank-1 (AlphaRL)",
-    "linear-full": "linear full (RL-Extra)",
     "last-interval": "repeat last interval",
+    "rl-extra": "RL-Extra step ratio",
+    "linear-rank1": "linear rank-1 (AlphaRL stand-in)",
+    "factor-linear": "factor-linear",
+}
+KIND_TEXT = {
+    "merged": "a full model",
+    "adapter": "a PEFT LoRA adapter",
+    "base": "a new base model for an in-place resume (the run's own last adapter goes on top of it)",
+    "checkpoint": "a resumable copy of the run's last trainer checkpoint",
 }
 # `--token X`, `--token=X` and anything shaped like a Hugging Face token, in a recorded command line.
 _TOKEN_PATTERNS = (re.compile(r"(--token[= ])\S+"), re.compile(r"\bhf_[A-Za-z0-9]{8,}\b"))
@@ -76,7 +78,7 @@ def card_data(manifest: dict) -> ModelCardData:
     Hub's ``merge`` means a merge of several models, which this is not).
     """
     base = manifest["base"]
-    adapter = manifest["format"] == "adapter"
+    adapter = manifest.get("weights", manifest["format"]) == "adapter"
     tags = ["nexttools", "rlvr", "extrapolation", manifest["method"]]
     if adapter:
         tags.append("lora")
@@ -136,6 +138,8 @@ def _steps_ahead(manifest: dict) -> float | None:
     them when the run is shorter); None when there is a single checkpoint.
     """
     steps, k, alpha = _steps(manifest), int(manifest["k"]), float(manifest["alpha"])
+    if manifest.get("target_step") is not None:
+        return float(manifest["target_step"]) - steps[-1]
     if len(steps) > k:
         return alpha * (steps[-1] - steps[-1 - k])
     if len(steps) >= 2:
@@ -171,7 +175,7 @@ def _summary(manifest: dict) -> str:
         if ahead is not None
         else f"that is, {alpha:g} × {k} checkpoints ahead"
     )
-    kind = "a PEFT LoRA adapter" if manifest["format"] == "adapter" else "a full model"
+    kind = KIND_TEXT.get(manifest["format"], "a model")
     return (
         f"This is {kind} made by [nexttools](https://pypi.org/project/nexttools/): "
         f"{_base_link(manifest)} after {steps[-1]} steps of an RL run (`{_run_name(manifest)}`), "
@@ -189,9 +193,7 @@ def _facts_table(manifest: dict) -> str:
     ahead = _steps_ahead(manifest)
     alpha_text = f"{alpha:g}" + (f" (≈ {ahead:.0f} steps past step {steps[-1]})" if ahead is not None else "")
     k_text = f"{k} checkpoints" + (f" (≈ {ahead / alpha:.0f} steps)" if ahead is not None and alpha else "")
-    output = (
-        "PEFT LoRA adapter" if manifest["format"] == "adapter" else "merged Hugging Face model"
-    ) + f", {manifest['dtype']}"
+    output = f"`{manifest['format']}`: {_output_summary(manifest['format'])}, {manifest['dtype']}"
     method = manifest["method"]
     kind = {"lora": "LoRA ", "full": "full-weight "}.get(manifest.get("run_kind", ""), "")
     rows = [
@@ -200,7 +202,7 @@ def _facts_table(manifest: dict) -> str:
             "RL run",
             f"`{_run_name(manifest)}`: {len(steps)} {kind}checkpoints, steps {steps[0]} … {steps[-1]}",
         ),
-        ("Method", f"`{method}`: {METHOD_TEXT.get(method, method)}"),
+        ("Method", f"`{method}`: {METHODS[method].summary if method in METHODS else method}"),
         ("α (extending coefficient)", alpha_text),
         ("k (horizon)", k_text),
         ("Output", output),
@@ -214,9 +216,10 @@ def _backtest_section(manifest: dict) -> str:
     backtest = manifest.get("backtest")
     header = "## Back-test\n"
     if not backtest or not backtest.get("methods"):
+        method = METHODS.get(manifest["method"])
         reason = (
-            "`linear-full` needs no predictor"
-            if manifest["method"] == "linear-full"
+            f"`{manifest['method']}` needs no predictor"
+            if method is not None and not method.needs_predictor
             else "`nexttools fit` recorded none for this output"
         )
         return f"{header}\nNo back-test figures were recorded ({reason}).\n"
@@ -266,82 +269,35 @@ def _figure(value: object) -> str:
     return f"{float(value):.3f}" if isinstance(value, (int, float)) else "–"
 
 
-def _auto_class(folder: Path) -> str:
-    """``AutoModelForCausalLM`` when the saved config is a causal LM (the RL case), else ``AutoModel``."""
+def _output_summary(name: str) -> str:
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return "AutoModelForCausalLM"
-    architectures = config.get("architectures") or []
-    if architectures and not any(str(name).endswith("ForCausalLM") for name in architectures):
-        return "AutoModel"
-    return "AutoModelForCausalLM"
-
-
-def _base_ref(manifest: dict) -> str:
-    base = manifest["base"]
-    return base.get("id") or str(base["path"])
+        return get_output(name).summary
+    except UserError:
+        return name
 
 
 def _loading_section(folder: Path, manifest: dict, target: str) -> str:
-    if manifest["format"] == "adapter":
-        code = (
-            "from peft import PeftModel\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f'base = AutoModelForCausalLM.from_pretrained("{_base_ref(manifest)}", dtype="auto")\n'
-            f'model = PeftModel.from_pretrained(base, "{target}")\n'
-            "model = model.merge_and_unload()  # optional: plain transformers model with the same weights\n"
-            f'tokenizer = AutoTokenizer.from_pretrained("{_base_ref(manifest)}")\n'
-        )
-        note = "The adapter gives the extrapolated weights when loaded on its base model."
-    else:
-        auto = _auto_class(folder)
-        code = (
-            f"from transformers import {auto}, AutoTokenizer\n\n"
-            f'model = {auto}.from_pretrained("{target}", dtype="auto")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{target}")\n'
-        )
-        note = "A drop-in Hugging Face model: config, generation config, tokenizer and chat template."
-    return f"## How to load\n\n{note}\n\n```python\n{code}```\n"
+    return f"## How to load\n\n{get_output(manifest['format']).load_text(manifest, target)}"
 
 
 def _resume_section(manifest: dict, target: str, *, pushed: bool) -> str:
     last = _steps(manifest)[-1]
     ahead = _steps_ahead(manifest)
-    schedule = (
-        " Keep the run's hyper-parameters; if your learning-rate schedule depends on the step, continue "
-        f"it from about step {last + ahead:.0f}."
+    where = (
+        f"The weights stand at about step {last + ahead:.0f}, {ahead:.0f} steps past the last checkpoint "
+        f"(step {last}): train that many fewer steps. "
         if ahead is not None
         else ""
     )
-    intro = f"Use it where your trainer takes the model.{schedule}"
-    lines = [f"## Resume RL training from this model\n\n{intro}\n\n"]
-    if manifest["format"] == "adapter":
-        base = _base_ref(manifest)
-        adapter_path = f"<local copy of {target}>" if pushed else target
-        lines += [
-            "- **TRL** (the adapter keeps training):\n\n"
-            "  ```python\n"
-            "  from peft import AutoPeftModelForCausalLM\n"
-            "  from trl import GRPOTrainer\n\n"
-            f'  model = AutoPeftModelForCausalLM.from_pretrained("{target}", is_trainable=True)\n'
-            "  trainer = GRPOTrainer(model=model, reward_funcs=..., args=..., train_dataset=...)\n"
-            "  ```\n",
-            f"- **verl**: `actor_rollout_ref.model.path={base} "
-            f"actor_rollout_ref.model.lora_adapter_path={adapter_path}` "
-            "(with the same `lora_rank`/`lora_alpha` as the run).\n",
-            "- **OpenRLHF** trains from full models: merge the adapter first "
-            "(`model.merge_and_unload().save_pretrained(...)`, see above) and pass that folder to "
-            "`--pretrain`.\n",
-        ]
-    else:
-        lines += [
-            f'- **TRL**: `GRPOTrainer(model="{target}", reward_funcs=..., args=..., train_dataset=...)` '
-            "(add a `peft_config` to train a fresh LoRA on top).\n",
-            f"- **verl**: `actor_rollout_ref.model.path={target}`.\n",
-            f"- **OpenRLHF**: `--pretrain {target}`.\n",
-        ]
-    return "".join(lines)
+    local = (
+        f"(download it first: `hf download {target} --local-dir <dir>` where a path is needed) "
+        if pushed
+        else ""
+    )
+    return (
+        f"## Resume RL training from this model\n\n{where}{local}\n\n"
+        f"{get_output(manifest['format']).resume_text(manifest, target)}"
+    )
 
 
 def _provenance_section(manifest: dict) -> str:

@@ -1,9 +1,10 @@
 """``nexttools fit``: train the NExt predictor on a trajectory store, back-test it, save it.
 
 Flow: read the store (all three delta kinds), refuse what cannot be fitted, hold out the last
-``holdout`` target rows, train on the rest and score ``next``, ``linear-rank1`` and ``last-interval``
-on the held-out rows, then train again on every target row (unless ``refit=False``) and save the
-predictor as ``<workdir>/predictor.safetensors`` + ``<workdir>/predictor.json``.
+``holdout`` target rows, train on the rest and score every registered method
+(:data:`nexttools.methods.METHODS`) that the store alone can back-test on the held-out rows, then
+train again on every target row (unless ``refit=False``) and save the predictor as
+``<workdir>/predictor.safetensors`` + ``<workdir>/predictor.json``.
 
 Training samples are the (module, row) pairs with a non-zero global delta and a non-zero target
 (zero deltas, untouched modules and the NaN target tail never enter training).
@@ -23,10 +24,7 @@ The default architecture and training settings, and the back-test figures that c
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,34 +32,33 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.progress import TextColumn
-from safetensors.torch import load_file, save
 
 from nexttools import __version__
-from nexttools.baselines import Trajectory, last_interval, last_interval_available, linear_rank1
 from nexttools.console import progress
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
+from nexttools.methods import METHODS
 from nexttools.predictor import (
     DEFAULT_DEPTH,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     DEFAULT_WIDTH,
     Architecture,
-    SigmaScale,
     TrainedPredictor,
-    TrajectoryNet,
     build_net,
     train_nets,
     training_batches,
 )
-from nexttools.store import DeltaArrays, TrajectoryStore, open_store
-
-PREDICTOR_FORMAT = "nexttools.predictor"
-PREDICTOR_VERSION = 1
-WEIGHTS_FILE = "predictor.safetensors"
-CONFIG_FILE = "predictor.json"
-STORE_FILE = "trajectory.h5"
-METHODS = ("next", "linear-rank1", "last-interval")
+from nexttools.saved_predictor import (
+    CONFIG_FILE,
+    PREDICTOR_FORMAT,
+    PREDICTOR_VERSION,
+    WEIGHTS_FILE,
+    read_config,
+    save_predictor,
+)
+from nexttools.store import STORE_FILE, DeltaArrays, open_store
+from nexttools.trajectory import Trajectory
 
 
 @dataclass(frozen=True)
@@ -270,20 +267,14 @@ def backtest(
         label="back-test",
     )
     methods: dict[str, MethodScore | None] = {}
-    live = {int(r): np.flatnonzero(trajectory.global_.sigma[r] > 0) for r in held}
-    methods["next"] = score(
-        trajectory, {r: predictor.predict_pairs(trajectory, np.full(len(m), r), m) for r, m in live.items()}
-    )
-    methods["linear-rank1"] = score(trajectory, {int(r): linear_rank1(trajectory, int(r)) for r in held})
-    available = all(last_interval_available(trajectory, int(r)) for r in held)
-    methods["last-interval"] = (
-        score(trajectory, {int(r): last_interval(trajectory, int(r)) for r in held}) if available else None
-    )
-    winner, summary = _verdict(methods, trajectory.k)
+    for name, method in METHODS.items():
+        predictions = method.backtest(trajectory, held, predictor)
+        methods[name] = None if predictions is None else score(trajectory, predictions)
+    winner, summary = _verdict(methods)
     return Backtest(holdout, len(train_rows), methods, winner, summary), predictor, losses
 
 
-def _verdict(methods: dict[str, MethodScore | None], k: int) -> tuple[str, str]:
+def _verdict(methods: dict[str, MethodScore | None]) -> tuple[str, str]:
     """The method with the highest overall cosine, and one sentence saying so."""
     scored = {name: s for name, s in methods.items() if s is not None and not math.isnan(s.cosine["overall"])}
     if not scored:
@@ -293,98 +284,12 @@ def _verdict(methods: dict[str, MethodScore | None], k: int) -> tuple[str, str]:
     )
     others = ", ".join(f"{name} {s.cosine['overall']:.3f}" for name, s in scored.items() if name != winner)
     missing = [name for name, s in methods.items() if s is None]
-    note = (
-        f"; {', '.join(missing)} cannot predict these rows (needs {k} earlier checkpoints)" if missing else ""
-    )
+    note = "".join(f"; {name} is not scored here ({METHODS[name].backtest_note})" for name in missing)
     best = scored[winner]
     return winner, (
         f"{winner} predicts the held-out targets best: overall cosine {best.cosine['overall']:.3f} "
         f"(σ error {best.sigma_rel_err['overall']:.1%}) against {others or 'nothing'}{note}."
     )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_config(workdir: Path) -> dict | None:
-    """The saved predictor.json, None when there is none; ``UserError`` when it is unreadable."""
-    path = workdir / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(
-            f"{path} is not a readable predictor config ({error}); run `nexttools fit --force`"
-        ) from None
-    if not isinstance(config, dict) or config.get("format") != PREDICTOR_FORMAT:
-        raise UserError(f"{path} is not a nexttools predictor config; run `nexttools fit --force`")
-    return config
-
-
-def save_predictor(workdir: Path, predictor: TrainedPredictor, config: dict) -> tuple[Path, Path]:
-    """Write ``predictor.safetensors`` then ``predictor.json`` (which records the weights' sha256).
-
-    Both are written beside their target and ``os.replace``d; a crash between the two leaves a JSON
-    whose hash does not match, which :func:`load_predictor` refuses: never a whole-looking mix.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    weights, config_path = workdir / WEIGHTS_FILE, workdir / CONFIG_FILE
-    tensors = {
-        f"{key}.{name}": value.detach().cpu().contiguous()
-        for key, net in predictor.nets.items()
-        for name, value in net.state_dict().items()
-    }
-    partial = weights.with_name(weights.name + ".partial")
-    # Written through open() rather than save_file, which leaves a 0600 file behind; the predictor is
-    # small (kilobytes to a few MB), so serialising it in memory costs nothing.
-    partial.write_bytes(save(tensors, metadata={"format": "pt"}))
-    document = {**config, "weights_sha256": _file_sha256(partial)}
-    os.replace(partial, weights)
-    partial_config = config_path.with_name(config_path.name + ".partial")
-    partial_config.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial_config, config_path)
-    predictor.config = document
-    return weights, config_path
-
-
-def load_predictor(workdir: Path, store: TrajectoryStore | Trajectory) -> TrainedPredictor:
-    """The predictor saved in ``workdir``, checked against ``store``'s fingerprint (``UserError`` if
-    missing, incomplete, or trained on another store)."""
-    workdir = Path(workdir)
-    config = _read_config(workdir)
-    weights = workdir / WEIGHTS_FILE
-    if config is None or not weights.is_file():
-        raise UserError(f"no predictor in {workdir}: run `nexttools fit` first")
-    if config.get("version") != PREDICTOR_VERSION:
-        raise UserError(f"{workdir / CONFIG_FILE} has predictor version {config.get('version')!r}; refit")
-    fingerprint = store.fingerprint()
-    if config["store_fingerprint"] != fingerprint:
-        raise UserError(
-            f"the predictor in {workdir} was trained on another store (fingerprint "
-            f"{config['store_fingerprint']}, this store {fingerprint}): run `nexttools fit` again"
-        )
-    if config.get("weights_sha256") != _file_sha256(weights):
-        raise UserError(
-            f"the predictor in {workdir} is incomplete (interrupted fit?): run `nexttools fit` again"
-        )
-    architecture = Architecture(**config["architecture"])
-    tensors = load_file(weights)
-    nets: dict[str, TrajectoryNet] = {}
-    for key, dim in config["nets"].items():
-        net = TrajectoryNet(int(dim), architecture)
-        prefix = f"{key}."
-        net.load_state_dict(
-            {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
-        )
-        nets[key] = net.eval()
-    scale = SigmaScale.from_json(config["sigma_scale"])
-    return TrainedPredictor(nets=nets, sigma_scale=scale, architecture=architecture, config=config)
 
 
 def fit(options: FitOptions) -> FitResult:
@@ -401,7 +306,7 @@ def fit(options: FitOptions) -> FitResult:
     )
     check_trajectory(trajectory, holdout)
     fingerprint = trajectory.fingerprint()
-    existing = None if options.force else _read_config(workdir)
+    existing = None if options.force else read_config(workdir)
     if existing is not None and existing.get("store_fingerprint") != fingerprint:
         raise UserError(
             f"{workdir / CONFIG_FILE} holds a predictor trained on another store "

@@ -66,12 +66,16 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 
 
 def _required_files(manifest: dict[str, Any], folder: Path) -> list[str]:
-    """The files an output of ``manifest["format"]`` cannot be without."""
-    output_format = manifest.get("format")
-    if output_format == "adapter":
+    """The files an output cannot be without: by its ``weights`` (``model`` or ``adapter``).
+
+    Manifests written before ``weights`` was recorded name it through ``format`` (``adapter``, else
+    a model).
+    """
+    weights = manifest.get("weights", "adapter" if manifest.get("format") == "adapter" else "model")
+    if weights == "adapter":
         return list(_ADAPTER_FILES)
-    if output_format != "merged":
-        raise UserError(f"{folder / MANIFEST_NAME}: unknown output format {output_format!r}")
+    if weights != "model":
+        raise UserError(f"{folder / MANIFEST_NAME}: unknown weights kind {weights!r}")
     files = manifest["files"]
     single, index = _MERGED_WEIGHTS
     if single in files:

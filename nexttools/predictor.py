@@ -31,7 +31,7 @@ Where this departs from the reference code, and why (``reference-implementations
 Defaults (``DEFAULT_*``): width 64, depth 2, 200 full-batch AdamW epochs, lr 1e-2 on a cosine
 schedule down to 1e-3, no weight decay. Chosen on back-tests (``fit``, 3 held-out target rows of 10,
 k=5) of the demo run (``examples/demo_run.py``, extracted) and of the curved and linear synthetic
-trajectories of ``tests/test_baselines.py`` (2 layers); overall cosine / σ error of ``next``:
+trajectories of ``tests/test_methods.py`` (2 layers); overall cosine / σ error of ``next``:
 
     width/epochs/lr        demo           curved         linear
     64/200/1e-2 (default)  0.991 / 8.6%   0.997 / 9.6%   1.000 / 0.5%
@@ -61,9 +61,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nexttools.baselines import Trajectory, as_trajectory
 from nexttools.errors import UserError
 from nexttools.store import DeltaArrays, TrajectoryStore
+from nexttools.trajectory import Trajectory, as_trajectory
 
 DEFAULT_WIDTH = 64
 DEFAULT_DEPTH = 2

@@ -33,6 +33,8 @@ from nexttools import __version__
 from nexttools.errors import UserError
 
 FORMAT = "nexttools.trajectory"
+STORE_FILE = "trajectory.h5"
+"""The store's file name inside a workdir."""
 VERSION = 1
 DeltaKind = Literal["global", "local", "target"]
 RunKind = Literal["lora", "full"]

@@ -54,6 +54,7 @@ def make_manifest(
         "alpha": alpha,
         "k": k,
         "format": output_format,
+        "run_kind": "lora",
         "dtype": "float32",
         "library_name": "peft" if output_format == "adapter" else "transformers",
         "base": {"path": str(run.base), "id": base_id, "fingerprint": "base-fp"},
@@ -135,7 +136,7 @@ def test_body_says_what_alpha_means_in_steps(short_run: DemoRun, tmp_path: Path)
     assert f"about step {steps[-1] + ahead:.0f} of the same run ({ahead:.0f} steps ahead)" in card
     assert f"| α (extending coefficient) | 1.5 (≈ {ahead:.0f} steps past step {steps[-1]}) |" in card
     assert f"| k (horizon) | 5 checkpoints (≈ {ahead / 1.5:.0f} steps) |" in card
-    assert f"{len(steps)} checkpoints, steps {steps[0]} … {steps[-1]}" in card
+    assert f"{len(steps)} LoRA checkpoints, steps {steps[0]} … {steps[-1]}" in card
     assert card.startswith("---\n") and "\n# tiny-grpo-next\n" in card
 
 
@@ -153,10 +154,10 @@ def test_backtest_tables(short_run: DemoRun, tmp_path: Path) -> None:
 
     assert "held out the last 3 trajectory rows" in section
     assert "| **NExt predictor** (best) | 0.931 | 0.049 |" in section
-    assert "| linear rank-1 (AlphaRL) | 0.812 | 0.200 |" in section
+    assert "| linear rank-1 (AlphaRL stand-in) | 0.812 | 0.200 |" in section
     assert "| repeat last interval | 0.700 | 0.310 |" in section
     # Per module type, methods as columns; a figure a method lacks is a dash, never a made-up number.
-    assert "| Module | NExt predictor | linear rank-1 (AlphaRL) | repeat last interval |" in section
+    assert "| Module | NExt predictor | linear rank-1 (AlphaRL stand-in) | repeat last interval |" in section
     assert "| `q_proj` | 0.910 | 0.700 | – |" in section
     assert "| `down_proj` | 0.950 | 0.880 | – |" in section
     assert "favoured" not in section
@@ -165,28 +166,44 @@ def test_backtest_tables(short_run: DemoRun, tmp_path: Path) -> None:
 def test_backtest_winner_other_than_the_method_is_pointed_out(short_run: DemoRun, tmp_path: Path) -> None:
     backtest = {**BACKTEST, "winner": "linear-rank1"}
     card = render_model_card(tmp_path, make_manifest(short_run, backtest=backtest))
-    assert "| **linear rank-1 (AlphaRL)** (best) |" in card
+    assert "| **linear rank-1 (AlphaRL stand-in)** (best) |" in card
     assert "the back-test favoured `linear-rank1`, but this model was written with `next`" in card
 
 
 def test_no_backtest(short_run: DemoRun, tmp_path: Path) -> None:
-    card = render_model_card(tmp_path, make_manifest(short_run, method="linear-full", backtest=None))
-    assert "No back-test figures were recorded (`linear-full` needs no predictor)." in card
+    card = render_model_card(tmp_path, make_manifest(short_run, method="last-interval", backtest=None))
+    assert "No back-test figures were recorded (`last-interval` needs no predictor)." in card
     assert "| Method | cosine |" not in card
 
 
 def test_resume_instructions(short_run: DemoRun, tmp_path: Path) -> None:
+    """Every format's card carries the recipe of its own resume route in TRL, verl and OpenRLHF."""
     merged = render_model_card(tmp_path, make_manifest(short_run), repo_id="my-org/out")
-    assert 'GRPOTrainer(model="my-org/out"' in merged
+    assert 'GRPOTrainer(model="my-org/out", peft_config=LoraConfig(' in merged
+    assert 'model_init_kwargs={"dtype": "float32"}' in merged
     assert "actor_rollout_ref.model.path=my-org/out" in merged
-    assert "--pretrain my-org/out" in merged
+    assert "--actor.model_name_or_path my-org/out --ds.lora.rank" in merged
+    assert "--pretrain" not in merged  # removed from OpenRLHF in April 2026
 
     adapter = render_model_card(
         tmp_path, make_manifest(short_run, output_format="adapter"), repo_id="my-org/ad"
     )
-    assert 'AutoPeftModelForCausalLM.from_pretrained("my-org/ad", is_trainable=True)' in adapter
+    assert 'PeftModel.from_pretrained(base, "my-org/ad", is_trainable=True)' in adapter
     assert "actor_rollout_ref.model.path=my-org/tiny-llama" in adapter
-    assert "actor_rollout_ref.model.lora_adapter_path=" in adapter
+    assert "actor_rollout_ref.model.lora_adapter_path=my-org/ad" in adapter
+    assert "actor_rollout_ref.model.lora_rank=" in adapter
+
+    manifest = make_manifest(short_run, output_format="base")
+    manifest["lora"] = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    last = str(short_run.run / f"checkpoint-{short_run.steps[-1]}")
+    base = render_model_card(tmp_path, manifest, repo_id="my-org/nb")
+    assert "LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])" in base
+    assert f'trainer.train(resume_from_checkpoint="{last}")' in base
+    assert "the KL anchor moves" in base and "not resumable in place as of verl 0.9" in base
+    assert "OpenRLHF**: has no option to continue" in base
+
+    checkpoint = render_model_card(tmp_path, make_manifest(short_run, output_format="checkpoint"))
+    assert 'trainer.train(resume_from_checkpoint="path/to/this/folder")' in checkpoint
 
 
 def test_a_token_in_the_recorded_command_never_reaches_the_card(short_run: DemoRun, tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def test_every_arm_is_measured_at_equal_steps(example: tuple[Path, dict]) -> Non
     out, summary = example
     arms = summary["arms"]
     expected = {"vanilla@250/400", "vanilla@400/400", "restart", "next-a1.5", "next-a1.5-adapter"}
-    expected |= {"linear-full-a1.5", "linear-rank1-a1.5"}
+    expected |= {"last-interval-a1.5", "linear-rank1-a1.5"}
     assert set(arms) == expected
     for name, row in arms.items():
         assert row["steps"] == (BUDGET if name == "vanilla@400/400" else 25)

@@ -20,8 +20,9 @@ from nexttools.checkpoints.weights import ModelWeights
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
 from nexttools.extrapolate import ExtrapolateOptions, default_out, extrapolate, parse_size
-from nexttools.fit import FitOptions, fit, load_predictor
+from nexttools.fit import FitOptions, fit
 from nexttools.manifest import MANIFEST_NAME, verify_output
+from nexttools.saved_predictor import load_predictor
 from nexttools.store import open_store
 from tests.cli_helpers import invoke
 from tests.conftest import copy_tree
@@ -219,7 +220,7 @@ def test_adapter_output_merges_to_the_merged_output(
 def test_baselines_match_dense_computations(short_run: DemoRun, lora_workdir: Path, tmp_path: Path) -> None:
     """On PEFT's own dense ΔW_i of the last k+1 checkpoints:
 
-    - linear-full: T̂ = ΔW_c − ΔW_{c−k}, exactly (and as an adapter of rank r + 2r);
+    - last-interval: T̂ = ΔW_c − ΔW_{c−k}, exactly (and as an adapter of rank r + 2r);
     - linear-rank1 (AlphaRL): top triples by dense SVD, sign-aligned, a_i = σ_i u_i fitted by least
       squares against the step and evaluated k spacings ahead: T̂ = (â − a_c) v_cᵀ.
     """
@@ -234,7 +235,7 @@ def test_baselines_match_dense_computations(short_run: DemoRun, lora_workdir: Pa
     alpha = 0.7
     for output_format in ("merged", "adapter"):
         out = tmp_path / f"full-{output_format}"
-        extrapolate(_options(lora_workdir, out, alpha=alpha, method="linear-full", format=output_format))
+        extrapolate(_options(lora_workdir, out, alpha=alpha, method="last-interval", format=output_format))
     written = _tensors(tmp_path / "full-merged")
     for name in modules:
         expected = base[name].double() + deltas[-1][name] + alpha * (deltas[-1][name] - deltas[0][name])
@@ -273,7 +274,7 @@ def test_bf16_base_keeps_bf16_and_rounds_once(tmp_path: Path) -> None:
     run = _small_run(tmp_path / "bf16", base_dtype=torch.bfloat16)
     workdir = _workdir(run, tmp_path / "work", k=2, with_predictor=False)
     out = tmp_path / "out"
-    extrapolate(_options(workdir, out, method="linear-full", alpha=1.0))
+    extrapolate(_options(workdir, out, method="last-interval", alpha=1.0))
     written, base = _tensors(out), _tensors(run.base)
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -290,7 +291,7 @@ def test_bf16_base_keeps_bf16_and_rounds_once(tmp_path: Path) -> None:
         else:
             assert torch.equal(tensor, base[name]), name
     as_fp32 = tmp_path / "fp32"
-    extrapolate(_options(workdir, as_fp32, method="linear-full", alpha=1.0, dtype="float32"))
+    extrapolate(_options(workdir, as_fp32, method="last-interval", alpha=1.0, dtype="float32"))
     assert {t.dtype for t in _tensors(as_fp32).values()} == {torch.float32}
     assert json.loads((as_fp32 / "config.json").read_text())["dtype"] == "float32"
 
@@ -336,7 +337,7 @@ def test_training_one_side_of_tied_embeddings_unties_them(tmp_path: Path) -> Non
         save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     workdir = _workdir(DemoRun(base, tmp_path / "run", ()), tmp_path / "work", k=2, with_predictor=False)
     out = tmp_path / "out"
-    summary = extrapolate(_options(workdir, out, method="linear-full", alpha=1.0))
+    summary = extrapolate(_options(workdir, out, method="last-interval", alpha=1.0))
     assert summary.untied_embeddings and summary.warnings
     written = _tensors(out)
     base_embed = _tensors(base)["model.embed_tokens.weight"]
@@ -372,7 +373,7 @@ def test_full_weight_run_extrapolates_from_the_last_checkpoint(
     workdir = tmp_path / "work"
     extract(ExtractOptions(run=tmp_path / "full", base=str(lora.base), workdir=workdir, k=2, device="cpu"))
     out = tmp_path / "out"
-    extrapolate(_options(workdir, out, method="linear-full", alpha=0.5))
+    extrapolate(_options(workdir, out, method="last-interval", alpha=0.5))
     last, first = _tensors(tmp_path / "full" / "checkpoint-80"), _tensors(tmp_path / "full" / "checkpoint-60")
     written = _tensors(out)
     with open_store(workdir / "trajectory.h5") as store:
@@ -386,7 +387,7 @@ def test_full_weight_run_extrapolates_from_the_last_checkpoint(
             assert torch.equal(tensor, last[name]), name
     assert verify_output(out)["run_kind"] == "full"
     args = ["--workdir", str(workdir), "--out", str(tmp_path / "adapter"), "--format", "adapter"]
-    _expect_error([*args, "--method", "linear-full"], "needs a LoRA run", monkeypatch, capsys)
+    _expect_error([*args, "--method", "last-interval"], "needs a LoRA run", monkeypatch, capsys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +419,8 @@ def test_cli_writes_the_default_output_folder(
     out = workdir / "extrapolated-alpha1.5"
     assert json.loads(stdout)["out"] == str(out) and verify_output(out)["base"]["id"] is None
     assert (
-        default_out(workdir, 2.0, "linear-full", "adapter").name == "extrapolated-alpha2-linear-full-adapter"
+        default_out(workdir, 2.0, "last-interval", "adapter").name
+        == "extrapolated-alpha2-last-interval-adapter"
     )
 
 
@@ -483,7 +485,17 @@ def test_input_errors_exit_2_and_leave_nothing(
         shutil.copy(lora_workdir / name, workdir / name)
     _expect_error(common, "another store", monkeypatch, capsys)
     _expect_error(
-        [*common, "--method", "linear-full", "--format", "adapter", "--dtype", "float16", "--alpha", "1e30"],
+        [
+            *common,
+            "--method",
+            "last-interval",
+            "--format",
+            "adapter",
+            "--dtype",
+            "float16",
+            "--alpha",
+            "1e30",
+        ],
         "non-finite",
         monkeypatch,
         capsys,

@@ -15,10 +15,12 @@ import pytest
 from examples.demo_run import DemoRun
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
-from nexttools.fit import FitOptions, fit, load_predictor, module_kind
+from nexttools.fit import FitOptions, fit, module_kind
+from nexttools.methods import METHODS
+from nexttools.saved_predictor import load_predictor
 from nexttools.store import open_store
 from tests.cli_helpers import assert_one_line_error, invoke
-from tests.test_baselines import curved_trajectory, linear_trajectory, write_store
+from tests.test_methods import curved_trajectory, linear_trajectory, write_store
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL = {"epochs": 100, "width": 32, "device": "cpu"}  # seconds on 2 shared cores
@@ -208,8 +210,10 @@ def test_json_document_and_table(curved_store: Path, tmp_path: Path, capsys, mon
     document = json.loads(out)
     backtest = document["backtest"]
     assert backtest["holdout_rows"] == 2 and backtest["train_rows"] == 8
-    assert set(backtest["methods"]) == {"next", "linear-rank1", "last-interval"}
-    for figures in backtest["methods"].values():
+    assert list(backtest["methods"]) == list(METHODS)  # every registered method, in registry order
+    assert backtest["methods"]["factor-linear"] is None  # the store holds no factors to back-test it on
+    assert "factor-linear is not scored here" in backtest["summary"]
+    for figures in (f for f in backtest["methods"].values() if f is not None):
         assert set(figures) == {"cosine", "sigma_rel_err"}
         for table in figures.values():
             assert list(table) == ["overall", *KINDS]
@@ -232,7 +236,7 @@ def test_end_to_end_on_a_real_peft_run(short_run: DemoRun, tmp_path: Path) -> No
     assert result.backtest.holdout_rows == 1 and result.backtest.train_rows == 2
     assert result.backtest.methods["last-interval"] is None
     assert result.document()["backtest"]["methods"]["last-interval"] is None
-    assert "last-interval cannot predict these rows" in result.backtest.summary
+    assert "last-interval is not scored here (needs k checkpoints" in result.backtest.summary
     with open_store(tmp_path / "trajectory.h5") as store:
         predicted = load_predictor(tmp_path, store).predict(store)
         modules, u_offset, v_offset = store.modules, store.u_offset, store.v_offset

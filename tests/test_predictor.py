@@ -17,7 +17,7 @@ from nexttools.predictor import (
     train_nets,
     training_batches,
 )
-from tests.test_baselines import curved_deltas, linear_deltas, module_names, trajectory_from_deltas
+from tests.test_methods import curved_deltas, linear_deltas, module_names, trajectory_from_deltas
 
 STEPS_FROM_ZERO = tuple(range(0, 151, 10))  # a fresh adapter saved at step 0: a zero first row
 

@@ -30,7 +30,7 @@ from examples.trl_grpo.evaluate import accuracy, load_policy
 from examples.trl_grpo.grpo import GrpoSettings, train_grpo
 from examples.trl_grpo.task import Split
 
-METHODS = ("next", "linear-full", "linear-rank1")
+METHODS = ("next", "last-interval", "linear-rank1")
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def write_curves_csv(docs: Sequence[dict], path: Path) -> None:
                     writer.writerow([doc["seed"], arm, int(step), f"{acc:.4f}"])
 
 
-COLORS = {"vanilla": "black", "restart": "grey", "next": "C0", "linear-full": "C1", "linear-rank1": "C2"}
+COLORS = {"vanilla": "black", "restart": "grey", "next": "C0", "last-interval": "C1", "linear-rank1": "C2"}
 
 
 def _style(arm: str) -> dict:
@@ -201,7 +201,7 @@ def plot(docs: Sequence[dict], summary: dict, path: Path, highlight_alpha: float
     left.set_title(f"accuracy vs RL steps (mean of {len(docs)} seed(s))")
     left.legend(fontsize=8)
     arms = summary["arms"]
-    for method in ("next", "linear-full", "linear-rank1"):
+    for method in ("next", "last-interval", "linear-rank1"):
         points = sorted(
             (float(arm.split("-a")[-1]), row["accuracy"]["mean"])
             for arm, row in arms.items()

@@ -154,20 +154,13 @@ class AdapterCheckpoint:
         self.files = [tensors.path, ref.path / CONFIG_FILE]
 
     def factors(self, name: str) -> LowRankFactors:
-        """ΔW of module ``name`` as float32 factors in the base weight's orientation.
+        """ΔW of module ``name`` as float32 factors in the base weight's orientation (:func:`lora_delta`)."""
+        return lora_delta(self.modules[name], *self.stored_factors(name))
 
-        Linear: left = s·B ``(out, r)``, right = Aᵀ ``(in, r)``. Transposed (Conv1D, embedding):
-        left = s·Aᵀ ``(rows, r)``, right = B ``(cols, r)``. bf16/fp16 adapters are upcast first
-        (exactly), and the scaling is applied once, in float32.
-        """
+    def stored_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A ``(r, a)``, B ``(b, r)``) of module ``name`` exactly as stored (dtype included)."""
         module = self.modules[name]
-        lora_a = self._tensors.get(module.key_a).to(torch.float32)
-        lora_b = self._tensors.get(module.key_b).to(torch.float32)
-        if module.transposed:
-            left, right = lora_a.T * module.scaling, lora_b
-        else:
-            left, right = lora_b * module.scaling, lora_a.T
-        return LowRankFactors(left=left.contiguous(), right=right.contiguous())
+        return self._tensors.get(module.key_a), self._tensors.get(module.key_b)
 
     def carried_tensor(self, name: str) -> torch.Tensor:
         """The absolute tensor stored for base weight ``name``, as stored (dtype included)."""
@@ -209,6 +202,21 @@ class AdapterCheckpoint:
                     f"{self.ref.path}: saved tensor {key} has shape {self._tensors.shapes[key]} but {name} "
                     f"has {base.shape(name)} in the base {base.folder} (resized vocabulary or wrong --base?)"
                 )
+
+
+def lora_delta(module: LoraModule, lora_a: torch.Tensor, lora_b: torch.Tensor) -> LowRankFactors:
+    """ΔW = s·B A of ``module`` (or its transpose) as float32 factors in the base weight's orientation.
+
+    Linear: left = s·B ``(out, r)``, right = Aᵀ ``(in, r)``. Transposed (Conv1D, embedding):
+    left = s·Aᵀ ``(rows, r)``, right = B ``(cols, r)``. bf16/fp16 factors are upcast first
+    (exactly), and the scaling is applied once, in float32.
+    """
+    lora_a, lora_b = lora_a.to(torch.float32), lora_b.to(torch.float32)
+    if module.transposed:
+        left, right = lora_a.T * module.scaling, lora_b
+    else:
+        left, right = lora_b * module.scaling, lora_a.T
+    return LowRankFactors(left=left.contiguous(), right=right.contiguous())
 
 
 def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:

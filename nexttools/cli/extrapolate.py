@@ -1,4 +1,4 @@
-"""``nexttools extrapolate``: predictor + last checkpoint -> a drop-in HF model (or a PEFT adapter)."""
+"""``nexttools extrapolate``: the jump of a method (the registry's), written in an output format (ditto)."""
 
 from __future__ import annotations
 
@@ -11,30 +11,47 @@ from nexttools.cli import cli
 from nexttools.cli.options import workdir_options
 from nexttools.console import console
 from nexttools.device import DEVICE_HELP
+from nexttools.methods import METHODS
+from nexttools.outputs import OUTPUTS
 
 
-@cli.command("extrapolate")
+def _listing(title: str, entries: dict[str, str]) -> str:
+    """A help section listing each registry entry with its one-line summary."""
+    width = max(len(name) for name in entries)
+    lines = "\n".join(f"  {name.ljust(width)}  {summary}" for name, summary in entries.items())
+    return f"\b\n{title}:\n{lines}"
+
+
+EPILOG = "\n\n".join(
+    (
+        _listing("Methods (--method)", {name: method.summary for name, method in METHODS.items()}),
+        _listing("Formats (--format)", {name: output.summary for name, output in OUTPUTS.items()}),
+    )
+)
+
+
+@cli.command("extrapolate", epilog=EPILOG)
 @click.option(
     "--alpha", type=float, default=1.5, help="Extending coefficient α: Ŵ = W_c + α·T̂ (paper default)."
 )
 @click.option(
     "--method",
-    type=click.Choice(["next", "linear-rank1", "linear-full"]),
+    type=click.Choice(list(METHODS)),
     default="next",
-    help="T̂: the NExt predictor, or a linear baseline (no predictor needed).",
+    help="How T̂ is predicted (listed below); only next needs `nexttools fit`.",
 )
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["merged", "adapter"]),
+    type=click.Choice(list(OUTPUTS)),
     default="merged",
-    help="A merged HF model, or a PEFT LoRA adapter on the base (LoRA runs).",
+    help="What is written (listed below); base resumes a LoRA run in place.",
 )
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output folder.  [default: <workdir>/extrapolated-alpha{α}[-{method}][-adapter]]",
+    help="Output folder.  [default: <workdir>/extrapolated-alpha{α}[-{method}][-{format}]]",
 )
 @click.option(
     "--dtype",
@@ -84,9 +101,9 @@ def extrapolate_command(
     """Jump the run ahead: write the last checkpoint moved α·T̂ along its predicted trajectory.
 
     \b
-    nexttools extrapolate --alpha 1.5                      # -> <workdir>/extrapolated-alpha1.5/
-    nexttools extrapolate --method linear-full --alpha 2   # RL-Extra-style baseline, same writer
-    nexttools extrapolate --format adapter                 # a PEFT adapter to resume LoRA training
+    nexttools extrapolate --alpha 1.5                 # -> <workdir>/extrapolated-alpha1.5/ (merged)
+    nexttools extrapolate --alpha 1.5 --format base   # resume your own LoRA checkpoint on it, in place
+    nexttools extrapolate --method factor-linear --format checkpoint   # a resumable checkpoint-N copy
     """
     from nexttools.errors import UserError
     from nexttools.extrapolate import ExtrapolateOptions, extrapolate, parse_size
@@ -95,8 +112,8 @@ def extrapolate_command(
         workdir=workdir,
         store=store,
         alpha=alpha,
-        method=method,  # type: ignore[arg-type]
-        format=output_format,  # type: ignore[arg-type]
+        method=method,
+        format=output_format,
         out=out,
         dtype=dtype,
         max_shard_size=parse_size(max_shard_size),

@@ -12,7 +12,8 @@ from nexttools.cli import cli
 from nexttools.cli.options import workdir_options
 from nexttools.console import console
 from nexttools.device import DEVICE_HELP
-from nexttools.fit import METHODS, FitOptions, FitResult, fit
+from nexttools.fit import FitOptions, FitResult, fit
+from nexttools.methods import METHODS
 from nexttools.predictor import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_WIDTH
 
 

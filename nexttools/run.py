@@ -1,0 +1,121 @@
+"""The extracted run, reopened for writing: the base and the checkpoints, checked against the store.
+
+``extrapolate`` (and every method and output it calls) reads weights only through :class:`OpenedRun`,
+so that each file is checked against the fingerprint ``extract`` recorded before a byte of output is
+written, and a method never needs to know whether the run is LoRA or full-weight: it asks for a linear
+combination of the run's deltas, Σ cᵢ ΔWᵢ, and gets factors (LoRA) or a dense tensor (full weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from nexttools.checkpoints.adapter import AdapterCheckpoint, open_adapter
+from nexttools.checkpoints.base import resolve_base
+from nexttools.checkpoints.discover import CheckpointRef
+from nexttools.checkpoints.fingerprint import fingerprint
+from nexttools.checkpoints.weights import ModelWeights
+from nexttools.errors import UserError
+from nexttools.lowrank import LowRankFactors
+from nexttools.store import RunKind, TrajectoryStore
+
+Checkpoint = AdapterCheckpoint | ModelWeights
+Change = LowRankFactors | torch.Tensor
+"""A change of one module's weight in the base weight's orientation: factors (``left (rows, q)``,
+``right (cols, q)``, ΔW = left rightᵀ) or a dense ``(rows, cols)`` tensor, float32 on the CPU."""
+
+
+class OpenedRun:
+    """The store's run with its base and checkpoints opened lazily, each verified on first use.
+
+    ``kind`` is ``"lora"`` or ``"full"``; ``last`` is the last checkpoint (row C−1); row −1 is the base.
+    """
+
+    def __init__(self, store: TrajectoryStore) -> None:
+        self.store = store
+        self.kind: RunKind = store.run_kind
+        self.base_path = resolve_base(store.base_model)
+        self.base = ModelWeights(self.base_path)
+        if fingerprint(self.base.files) != store.base_fingerprint:
+            raise UserError(
+                f"the base model {self.base_path} changed since extraction: run `nexttools extract` again"
+            )
+        self._opened: dict[int, Checkpoint] = {}
+        self._shapes = {
+            name: (int(o), int(i)) for name, (o, i) in zip(store.modules, store.shapes, strict=True)
+        }
+        self.last = self.checkpoint(self.rows - 1)
+
+    @property
+    def rows(self) -> int:
+        """C, the number of checkpoints."""
+        return len(self.store.steps)
+
+    @property
+    def modules(self) -> list[str]:
+        """The trained modules (base weight names), in store order."""
+        return list(self.store.modules)
+
+    @property
+    def last_folder(self) -> Path:
+        """The folder that holds the last checkpoint's weights (adapter folder or model folder)."""
+        return self.last.ref.path if isinstance(self.last, AdapterCheckpoint) else self.last.folder
+
+    def checkpoint(self, row: int) -> Checkpoint:
+        """Checkpoint ``row`` (0 … C−1), refused if missing or changed since extraction."""
+        if row not in self._opened:
+            self._opened[row] = self._open(row)
+        return self._opened[row]
+
+    def _open(self, row: int) -> Checkpoint:
+        store = self.store
+        step, path = int(store.steps[row]), Path(store.checkpoint_paths[row])
+        if not path.is_dir():
+            raise UserError(f"checkpoint {path} (step {step}) is missing; it was extracted into {store.path}")
+        checkpoint: Checkpoint
+        if self.kind == "full":
+            checkpoint = ModelWeights(path)
+        else:
+            checkpoint = open_adapter(CheckpointRef(step=step, path=path, kind="lora", layout="adapter"))
+        # The same file list ``extract`` fingerprinted, since both come from the opened checkpoint.
+        if fingerprint(checkpoint.files) != store.fingerprints[row]:
+            raise UserError(
+                f"checkpoint {path} (step {step}) changed since extraction: run `nexttools extract` again"
+            )
+        if isinstance(checkpoint, AdapterCheckpoint):
+            checkpoint.check_base(self.base)  # settles each module's orientation (Conv1D) as extract did
+        return checkpoint
+
+    def adapter(self, row: int) -> AdapterCheckpoint:
+        """Checkpoint ``row`` of a LoRA run."""
+        checkpoint = self.checkpoint(row)
+        assert isinstance(checkpoint, AdapterCheckpoint), "a LoRA run's checkpoints are adapters"
+        return checkpoint
+
+    def combination(self, name: str, coefficients: Mapping[int, float]) -> Change:
+        """Σ cᵣ ΔW_r of module ``name`` over ``{row: cᵣ}`` (row −1, the base, has ΔW = 0).
+
+        LoRA: the rows' factors side by side (rank Σ rᵣ, exact: no subtraction of factors). Full
+        weights: Σ cᵣ W_r − (Σ cᵣ) W_0, read from the files in float32.
+        """
+        rows = {row: c for row, c in coefficients.items() if row >= 0 and c != 0.0}
+        if self.kind == "lora":
+            factors = [self.adapter(row).factors(name) for row in rows]
+            if not factors:
+                out_dim, in_dim = self._shapes[name]
+                return LowRankFactors(torch.zeros(out_dim, 0), torch.zeros(in_dim, 0))
+            left = torch.cat([c * f.left for c, f in zip(rows.values(), factors, strict=True)], dim=1)
+            right = torch.cat([f.right for f in factors], dim=1)
+            return LowRankFactors(left, right)
+        total = torch.zeros(self._shapes[name], dtype=torch.float32)
+        for row, c in rows.items():
+            checkpoint = self.checkpoint(row)
+            assert isinstance(checkpoint, ModelWeights)
+            total.add_(checkpoint.get(name).to(torch.float32), alpha=c)
+        base_coefficient = -sum(rows.values())
+        if base_coefficient:
+            total.add_(self.base.get(name).to(torch.float32), alpha=base_coefficient)
+        return total
