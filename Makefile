@@ -20,7 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	bash examples/demo.sh
 
+# The whole suite: lint, format check, types, then the tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff check nexttools tests benchmarks examples
+	$(VENV)/bin/ruff format --check nexttools tests benchmarks examples
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -88,7 +88,9 @@ def card_data(manifest: dict) -> ModelCardData:
         base_model_relation=("adapter" if adapter else "finetune") if base.get("id") else None,
         library_name=manifest["library_name"],
         tags=tags,
-        **license_fields,
+        license=license_fields.get("license"),
+        license_name=license_fields.get("license_name"),
+        license_link=license_fields.get("license_link"),
     )
 
 

@@ -50,6 +50,7 @@ from nexttools.store import (
     VERSION,
     DeltaArrays,
     DeltaKind,
+    RunKind,
     StoreLayout,
     StoreWriter,
     TrajectoryStore,
@@ -143,7 +144,7 @@ class ExtractSummary:
 class _LoraSource:
     """A LoRA run: operands are :class:`LowRankFactors` (scaling folded in); Rank-1 is exact from factors."""
 
-    run_kind = "lora"
+    run_kind: RunKind = "lora"
     reports_energy = True
 
     def __init__(self, refs: Sequence[CheckpointRef], base_spec: str | None, device: torch.device) -> None:
@@ -204,7 +205,7 @@ class _FullSource:
     tensor of the last checkpoint is ``carried``.
     """
 
-    run_kind = "full"
+    run_kind: RunKind = "full"
     scaling_rule = "none"
     reports_energy = False
 
@@ -248,7 +249,7 @@ class _FullSource:
         return self.checkpoints[index].get(name).to(self.device, torch.float32) - self._w0
 
     def rank1(self, newer: Operand, older: Operand | None) -> Rank1:
-        assert isinstance(newer, torch.Tensor)
+        assert isinstance(newer, torch.Tensor) and not isinstance(older, LowRankFactors)
         return rank1_dense(newer if older is None else newer - older)
 
     def energy(self, operand: Operand) -> float | None:

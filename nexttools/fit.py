@@ -316,14 +316,11 @@ def fit(options: FitOptions) -> FitResult:
 
     architecture = Architecture(width=options.width, depth=options.depth)
     training = {"epochs": options.epochs, "lr": options.lr, "seed": options.seed}
-    result, predictor, losses = backtest(
-        trajectory, holdout, architecture=architecture, device=device, **training
-    )
+    settings = {"architecture": architecture, "device": device, **training}
+    result, predictor, losses = backtest(trajectory, holdout, **settings)  # type: ignore[arg-type]
     rows = np.arange(trajectory.target_rows if options.refit else trajectory.target_rows - holdout)
     if options.refit:
-        predictor, losses = train_predictor(
-            trajectory, rows, architecture=architecture, device=device, label="refit", **training
-        )
+        predictor, losses = train_predictor(trajectory, rows, label="refit", **settings)  # type: ignore[arg-type]
     train_loss = float(np.mean(list(losses.values())))
     weights_path = workdir / WEIGHTS_FILE
     config = {

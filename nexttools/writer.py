@@ -216,7 +216,7 @@ class ShardedWriter:
             self._file = open(self.out_dir / shard.file, "wb")  # noqa: SIM115 - spans several calls
             self._file.write(_header(shard))
         if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            self._file.write(data.view(torch.uint8).numpy().data)
         if spec is shard.tensors[-1]:
             self._close_file()
 

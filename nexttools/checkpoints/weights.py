@@ -76,7 +76,7 @@ class SafetensorsHeader:
         info = self.tensors[name]
         nbytes = info.end - info.begin
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
+        view = buffer.numpy().data
         done = 0
         with self.path.open("rb", buffering=0) as handle:
             handle.seek(len(self.raw) + info.begin)
