@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from nexttools.checkpoints.adapter import AdapterCheckpoint, check_same_targets, open_adapter
-from nexttools.checkpoints.base import resolve_base
+from nexttools.checkpoints.base import recorded_base, resolve_base
 from nexttools.checkpoints.discover import CheckpointRef, discover_checkpoints
 from nexttools.checkpoints.fingerprint import fingerprint
 from nexttools.checkpoints.weights import ModelWeights
@@ -141,6 +141,14 @@ class ExtractSummary:
 # Sources: where a module's operand at a checkpoint comes from (LoRA factors or dense deltas).
 
 
+def non_finite(path: Path, step: int, tensor: str) -> UserError:
+    """The error for a checkpoint whose weights hold NaN or Inf (a diverged run)."""
+    return UserError(
+        f"{path} (step {step}): {tensor} holds NaN or Inf values, so the run diverged by this step; "
+        f"extract the steps before it (--steps :{max(step - 1, 0)})"
+    )
+
+
 class _LoraSource:
     """A LoRA run: operands are :class:`LowRankFactors` (scaling folded in); Rank-1 is exact from factors."""
 
@@ -159,7 +167,7 @@ class _LoraSource:
             raise UserError(
                 f"{last.ref.path / 'adapter_config.json'} names no base_model_name_or_path; pass --base"
             )
-        self.base_model = spec
+        self.base_model = recorded_base(spec)
         base = ModelWeights(resolve_base(spec))
         for adapter in self.adapters:
             adapter.check_base(base)  # settles each module's orientation against the base
@@ -177,6 +185,9 @@ class _LoraSource:
 
     def load(self, index: int, name: str) -> Operand:
         factors = self.adapters[index].factors(name)
+        if not bool(torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()):
+            ref = self.adapters[index].ref
+            raise non_finite(ref.path, ref.step, name.removesuffix(".weight") + " (lora_A/lora_B)")
         if self.device.type != "cpu":
             factors = LowRankFactors(factors.left.to(self.device), factors.right.to(self.device))
         return factors
@@ -213,9 +224,10 @@ class _FullSource:
         if not base_spec:
             raise UserError("full-weight checkpoints need --base (the step-0 model the run started from)")
         self.device = device
-        self.base_model = base_spec
+        self.base_model = recorded_base(base_spec)
         self.base = ModelWeights(resolve_base(base_spec))
         self.checkpoints = [ModelWeights(ref.path) for ref in refs]
+        self.steps = [ref.step for ref in refs]
         last = self.checkpoints[-1]
         for weights in self.checkpoints:
             _check_same_tensors(last, weights)
@@ -246,7 +258,10 @@ class _FullSource:
 
     def load(self, index: int, name: str) -> Operand:
         assert self._w0 is not None
-        return self.checkpoints[index].get(name).to(self.device, torch.float32) - self._w0
+        delta = self.checkpoints[index].get(name).to(self.device, torch.float32) - self._w0
+        if not bool(torch.isfinite(delta.sum())):  # one pass; a NaN or Inf anywhere makes the sum one
+            raise non_finite(self.checkpoints[index].folder, self.steps[index], name)
+        return delta
 
     def rank1(self, newer: Operand, older: Operand | None) -> Rank1:
         assert isinstance(newer, torch.Tensor) and not isinstance(older, LowRankFactors)

@@ -306,12 +306,13 @@ def fit(options: FitOptions) -> FitResult:
     )
     check_trajectory(trajectory, holdout)
     fingerprint = trajectory.fingerprint()
+    # Refitting after `extract` grew the same store is the normal path; a predictor of another store
+    # file (another run sharing this workdir) is only replaced on purpose.
     existing = None if options.force else read_config(workdir)
-    if existing is not None and existing.get("store_fingerprint") != fingerprint:
+    if existing is not None and Path(str(existing.get("store"))).absolute() != store_path.absolute():
         raise UserError(
             f"{workdir / CONFIG_FILE} holds a predictor trained on another store "
-            f"(fingerprint {existing.get('store_fingerprint')}, this store {fingerprint}); "
-            "pass --force to replace it"
+            f"({existing.get('store')}, not {store_path}); pass --force to replace it"
         )
 
     architecture = Architecture(width=options.width, depth=options.depth)

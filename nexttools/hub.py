@@ -17,6 +17,7 @@ appears in a message.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,10 +34,10 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
-from nexttools.card import CARD_NAME, write_model_card
+from nexttools.card import CARD_NAME, render_model_card
 from nexttools.console import console
 from nexttools.errors import UserError
-from nexttools.manifest import verify_output
+from nexttools.manifest import MANIFEST_NAME, verify_output
 
 MAX_FILE_BYTES = 50 * 10**9
 """The Hub's hard limit per file (50 GB, decimal as the Hub states it); it answers 413 above it."""
@@ -107,7 +108,67 @@ def push(
         raise UserError(
             "not logged in to the Hugging Face Hub: run `hf auth login`, set HF_TOKEN or use --token"
         )
-    write_model_card(folder, manifest, repo_id=repo_id)
+    with _upload_view(folder, manifest, repo_id) as view:
+        return _push_view(
+            view,
+            manifest,
+            repo_id,
+            token=token,
+            endpoint=endpoint,
+            private=private,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message,
+            overwrite_card=overwrite_card,
+        )
+
+
+@contextmanager
+def _upload_view(folder: Path, manifest: dict[str, Any], repo_id: str) -> Iterator[Path]:
+    """A hidden sibling of ``folder`` holding exactly what is published: every file the manifest lists
+    (hard links, so nothing is copied), the manifest, and the card rendered for ``repo_id``.
+
+    The output folder itself is never changed, and a file the manifest does not list is refused
+    rather than uploaded. The view is removed when the block ends, whatever happens.
+    """
+    listed = set(manifest["files"]) | {MANIFEST_NAME}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name not in listed and name != CARD_NAME:
+            raise UserError(
+                f"{path} is not part of the output (nexttools.json does not list it): remove it, "
+                "or write the output again"
+            )
+    view = folder.parent / f".{folder.name}.push-{os.getpid()}"
+    shutil.rmtree(view, ignore_errors=True)
+    try:
+        for name in sorted(listed):
+            target = view / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(folder / name, target)
+            except OSError:  # another file system, or no hard links: copy
+                shutil.copyfile(folder / name, target)
+        (view / CARD_NAME).write_text(render_model_card(folder, manifest, repo_id=repo_id), encoding="utf-8")
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def _push_view(
+    folder: Path,
+    manifest: dict[str, Any],
+    repo_id: str,
+    *,
+    token: str,
+    endpoint: str | None,
+    private: bool,
+    revision: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+    overwrite_card: bool,
+) -> PushResult:
+    """Upload the prepared view ``folder`` (see :func:`push`)."""
     sizes = _upload_sizes(folder)
     _check_token_not_in_files(folder, sizes, token)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")

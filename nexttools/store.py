@@ -17,11 +17,9 @@ process dies, so even ``kill -9`` leaves no stale lock.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +29,7 @@ import numpy as np
 
 from nexttools import __version__
 from nexttools.errors import UserError
+from nexttools.locking import exclusive_lock
 
 FORMAT = "nexttools.trajectory"
 STORE_FILE = "trajectory.h5"
@@ -152,6 +151,36 @@ class TrajectoryStore:
         self.u_offset: np.ndarray = file["modules/u_offset"][()].astype(np.int64)
         self.v_offset: np.ndarray = file["modules/v_offset"][()].astype(np.int64)
         self.carried: list[str] = _strings(file["modules/carried"])
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Every table and delta array agrees with the others (``ValueError`` naming the first that
+        does not), so that a damaged or hand-edited store is refused at open, not deep in a command."""
+        count, modules = len(self.steps), len(self.modules)
+        for name, length in (
+            ("checkpoints/path", len(self.checkpoint_paths)),
+            ("checkpoints/fingerprint", len(self.fingerprints)),
+        ):
+            if length != count:
+                raise ValueError(f"{name} has {length} rows for {count} checkpoints")
+        sizes = (self.shapes.shape, self.ranks.shape, self.u_offset.shape, self.v_offset.shape)
+        if sizes != ((modules, 2), (modules,), (modules + 1,), (modules + 1,)):
+            raise ValueError(f"the module tables disagree in length with {modules} modules")
+        if not (
+            np.array_equal(np.diff(self.u_offset), self.shapes[:, 0])
+            and np.array_equal(np.diff(self.v_offset), self.shapes[:, 1])
+        ):
+            raise ValueError("modules/u_offset or v_offset does not match modules/shape")
+        expected = {
+            "sigma": (count, modules),
+            "u": (count, int(self.u_offset[-1])),
+            "v": (count, int(self.v_offset[-1])),
+        }
+        for kind in KINDS:
+            for name, shape in expected.items():
+                dataset = self._file[f"{kind}/{name}"]
+                if tuple(dataset.shape) != shape:
+                    raise ValueError(f"{kind}/{name} has shape {tuple(dataset.shape)}, expected {shape}")
 
     @property
     def layout(self) -> StoreLayout:
@@ -227,9 +256,11 @@ def open_store(path: Path) -> TrajectoryStore:
     except UserError:
         file.close()
         raise
-    except (KeyError, OSError, ValueError) as error:
+    except (KeyError, OSError, ValueError, IndexError, TypeError) as error:
         file.close()
-        raise UserError(f"{path} is a damaged trajectory store ({error})") from None
+        raise UserError(
+            f"{path} is a damaged trajectory store ({error}): delete it and re-run `nexttools extract`"
+        ) from None
 
 
 class StoreWriter:
@@ -330,41 +361,9 @@ class StoreWriter:
             self.abort()
 
 
-@contextlib.contextmanager
-def store_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<store>.lock`` for the duration of a write.
-
-    A second writer gets a ``UserError`` naming the holder's pid. The lock file is removed on
-    release; a process that opened it just before the removal notices (different inode) and
-    retries, so two writers can never each hold a lock on a different file.
-    """
-    target = lock_path(Path(path))
-    while True:
-        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if error.errno in (errno.EAGAIN, errno.EACCES):
-                raise UserError(
-                    f"{path} is being written by another nexttools process (pid {holder})"
-                ) from None
-            raise
-        try:
-            if os.stat(target).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the previous holder removed this file while we waited: lock the new one
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
-        os.close(fd)
+def store_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold an exclusive lock on ``<store>.lock`` for the duration of a write (:func:`exclusive_lock`)."""
+    return exclusive_lock(lock_path(Path(path)), Path(path))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -37,6 +37,7 @@ from typing import BinaryIO
 import torch
 
 from nexttools.errors import UserError
+from nexttools.locking import exclusive_lock
 from nexttools.manifest import MANIFEST_NAME
 
 SINGLE_FILE = "model.safetensors"
@@ -308,10 +309,11 @@ def staged_folder(out: Path, *, overwrite: bool, needed_bytes: int) -> Iterator[
     """Yield a hidden sibling folder to write the output into; rename it to ``out`` when the block ends.
 
     The rename happens only if the block completes, so ``out`` is either absent, the previous output
-    (until the final swap) or the new complete one. On any exception (Ctrl-C included) the staging
-    folder is removed; running out of disk space becomes a :class:`UserError` that says how many
-    bytes were needed and how many are free. ``kill -9`` leaves the hidden folder behind, which the
-    next run into the same ``out`` removes.
+    (until the final swap) or the new complete one. One writer per ``out`` at a time: a second one
+    is refused at once (a lock on ``.<name>.lock`` beside it, removed on release). On any exception
+    (Ctrl-C and SIGTERM included) the staging folder is removed; running out of disk space becomes a
+    :class:`UserError` that says how many bytes were needed and how many are free. ``kill -9`` leaves
+    the hidden folder behind, which the next run into the same ``out`` removes.
 
     Args:
         out: the final output folder.
@@ -321,25 +323,29 @@ def staged_folder(out: Path, *, overwrite: bool, needed_bytes: int) -> Iterator[
     out = Path(out).absolute()
     check_destination(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    free = shutil.disk_usage(out.parent).free
-    if needed_bytes > free:
-        raise UserError(f"not enough disk space for {out}: need {_human(needed_bytes)}, {_human(free)} free")
-    staging = _partial_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            free = shutil.disk_usage(out.parent).free
+    with exclusive_lock(out.parent / f".{out.name}.lock", out):
+        check_destination(out, overwrite=overwrite)  # again: another writer may have finished meanwhile
+        _remove_stale_partials(out)
+        free = shutil.disk_usage(out.parent).free
+        if needed_bytes > free:
             raise UserError(
-                f"disk full while writing {out}: it needs {_human(needed_bytes)}, {_human(free)} free "
-                "(partial output removed)"
-            ) from None
-        raise
-    _commit(staging, out)
+                f"not enough disk space for {out}: need {_human(needed_bytes)}, {_human(free)} free"
+            )
+        staging = _partial_dir(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            yield staging
+        except BaseException as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                free = shutil.disk_usage(out.parent).free
+                raise UserError(
+                    f"disk full while writing {out}: it needs {_human(needed_bytes)}, {_human(free)} free "
+                    "(partial output removed)"
+                ) from None
+            raise
+        _commit(staging, out)
 
 
 def _commit(staging: Path, out: Path) -> None:

@@ -235,11 +235,12 @@ def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_hub_id_offline_not_cached(offline_cache: Path) -> None:
+    """A mistyped relative folder (``demo/base``) looks like a Hub id: both readings are reported."""
     with pytest.raises(
-        UserError, match=r"--base acme/tiny-base: cannot get it .*pass a local path with --base"
+        UserError, match=r"--base acme/tiny-base: not a Hub id in the huggingface_hub cache.*no local folder"
     ):
         resolve_base("acme/tiny-base")
-    with pytest.raises(UserError, match=r"pass a local path with --base"):
+    with pytest.raises(UserError, match=r"no local folder not a valid id! exists"):
         resolve_base("not a valid id!")
 
 
@@ -254,5 +255,5 @@ def test_hub_id_resolved_from_cache_offline(offline_cache: Path, short_run: Demo
     resolved = resolve_base("acme/tiny-base")
     assert resolved == snapshot.resolve() or resolved.resolve() == snapshot.resolve()
     (snapshot / "model.safetensors").unlink()
-    with pytest.raises(UserError, match=r"has no safetensors weights; pass a local path with --base"):
+    with pytest.raises(UserError, match=r"has no safetensors weights; no local folder"):
         resolve_base("acme/tiny-base")

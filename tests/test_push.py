@@ -101,11 +101,18 @@ def local_files(folder: Path) -> dict[str, bytes]:
 
 
 def test_push_creates_a_private_repo_and_uploads_every_file_byte_identical(
-    stub: HubStub, output: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    stub: HubStub,
+    output: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
+    card_before = (output / "README.md").read_bytes()
     code, out, err = run_cli(capfd, monkeypatch, *push_args(stub, output), "--private", "--json")
 
     assert code == 0, err
+    assert (output / "README.md").read_bytes() == card_before  # push never changes the output folder
+    assert not list(output.parent.glob(f".{output.name}.push-*"))  # its upload view is gone
     (create,) = stub.calls("create")
     assert stub.requests[0] is create  # the repo is created before anything else is sent
     repo = stub.repos[REPO]
@@ -113,7 +120,7 @@ def test_push_creates_a_private_repo_and_uploads_every_file_byte_identical(
     remote = repo.refs["main"]
     files = local_files(output)
     assert set(files) == set(remote) - {".gitattributes"}
-    assert all(remote[name] == content for name, content in files.items())
+    assert all(remote[name] == content for name, content in files.items() if name != "README.md")
     assert {name for name in files if name.endswith(".safetensors")} <= repo.lfs_paths  # shards went by LFS
 
     summary = json.loads(out)
@@ -121,14 +128,16 @@ def test_push_creates_a_private_repo_and_uploads_every_file_byte_identical(
     assert summary["commit_url"] == f"{stub.endpoint}/{REPO}/commit/{summary['commit_oid']}"
     assert summary["repo_id"] == REPO and summary["revision"] == "main" and summary["pr_url"] is None
     assert sorted(summary["files"]) == sorted(files) and summary["card_uploaded"] is True
-    assert summary["total_bytes"] == sum(len(content) for content in files.values())
+    assert summary["total_bytes"] == sum(len(content) for name, content in remote.items() if name in files)
     assert commit["summary"] == "nexttools: linear-rank1 extrapolation (alpha=1.5, k=5) from step 80"
     assert summary["commit_url"] in err
 
-    # The card was refreshed with the repo id, and its front matter is what the Hub indexes.
+    # The published card names the repo id, and its front matter is what the Hub indexes.
     card = remote["README.md"].decode()
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}", dtype="auto")' in card
-    metadata = metadata_load(output / "README.md")
+    assert REPO not in card_before.decode()
+    (tmp_path / "card.md").write_bytes(remote["README.md"])
+    metadata = metadata_load(tmp_path / "card.md")
     assert metadata["base_model"] == "my-org/tiny-llama"
     assert metadata["library_name"] == "transformers"
     assert metadata["tags"] == ["nexttools", "rlvr", "extrapolation", "linear-rank1"]
@@ -176,7 +185,7 @@ def test_existing_readme_is_kept_unless_overwrite_card(
 
     code, out, err = run_cli(capfd, monkeypatch, *push_args(stub, output), "--overwrite-card", "--json")
     assert code == 0, err
-    assert stub.repos[REPO].refs["main"]["README.md"] == (output / "README.md").read_bytes()
+    assert REPO in stub.repos[REPO].refs["main"]["README.md"].decode()  # the card rendered for this repo
     assert json.loads(out)["card_uploaded"] is True
 
 
@@ -187,7 +196,10 @@ def test_revision_branch_is_created_and_reused(
     assert code == 0, err
     repo = stub.repos[REPO]
     assert set(repo.refs["main"]) == {".gitattributes"}  # main untouched
-    assert all(repo.refs["next-a1.5"][name] == content for name, content in local_files(output).items())
+    published = repo.refs["next-a1.5"]
+    assert all(
+        published[name] == content for name, content in local_files(output).items() if name != "README.md"
+    )
 
     (output / "README.md").unlink()  # README is outside the fingerprints; push writes it again
     code, _, err = run_cli(capfd, monkeypatch, *push_args(stub, output), "--revision", "next-a1.5")
@@ -212,7 +224,8 @@ def test_create_pr_opens_a_pull_request(
     assert commit.query["create_pr"] == ["1"]
     repo = stub.repos[REPO]
     assert set(repo.refs["main"]) == {".gitattributes"}
-    assert all(repo.refs["refs/pr/1"][name] == content for name, content in local_files(output).items())
+    pull = repo.refs["refs/pr/1"]
+    assert all(pull[name] == content for name, content in local_files(output).items() if name != "README.md")
     assert repo.commits[-1]["summary"] == "NExt α=1.5"
     pr_url = json.loads(out)["pr_url"]
     assert pr_url == f"{stub.endpoint}/{REPO}/discussions/1" and pr_url in err
@@ -246,7 +259,9 @@ def test_interrupted_upload_resumes_on_rerun(
     assert code == 0, err
     assert len(stub.calls("lfs-put")) == len(shards)  # the shards already uploaded were not sent again
     remote = stub.repos[REPO].refs["main"]
-    assert all(remote[name] == content for name, content in local_files(output).items())
+    assert all(
+        remote[name] == content for name, content in local_files(output).items() if name != "README.md"
+    )
 
 
 def test_not_logged_in(
@@ -439,7 +454,7 @@ def test_extrapolate_push_to_hub_writes_then_pushes(
     document = json.loads(stdout)
     assert document["push"]["repo_id"] == REPO
     remote = stub.repos[REPO].refs["main"]
-    assert all(remote[name] == content for name, content in local_files(out).items())
+    assert all(remote[name] == content for name, content in local_files(out).items() if name != "README.md")
     assert TOKEN not in stdout and TOKEN not in err
 
 

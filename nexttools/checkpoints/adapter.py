@@ -289,6 +289,29 @@ def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
             "real lora_alpha in this file (verl records it in lora_train_meta.json or "
             "actor_rollout_ref.model.lora_alpha)"
         )
+    _check_patterns(path, config)
+
+
+def _check_patterns(path: Path, config: dict[str, Any]) -> None:
+    """``rank_pattern``/``alpha_pattern`` map regular expressions to positive numbers (``UserError``)."""
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pattern = config.get(field)
+        if pattern in (None, {}):
+            continue
+        if not isinstance(pattern, dict):
+            raise UserError(
+                f"{path}: {field} must be a mapping of module patterns to values, got {pattern!r}"
+            )
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as error:
+                raise UserError(
+                    f"{path}: {field} key {key!r} is not a valid regular expression ({error})"
+                ) from None
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or value <= 0 or (kind is int and value != int(value)):
+                raise UserError(f"{path}: {field}[{key!r}] = {value!r} is not a positive {kind.__name__}")
 
 
 def normalise_key(key: str) -> str:

@@ -44,6 +44,13 @@ def resolve_base(spec: str) -> Path:
     return _from_hub(spec)
 
 
+def recorded_base(spec: str) -> str:
+    """What a store records for ``spec``: a local folder as its absolute path (so that the store works
+    from any directory), a Hub id as typed."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_dir() else spec
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
 
@@ -52,7 +59,7 @@ def _from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
-    hint = "pass a local path with --base"
+    hint = f"no local folder {repo_id} exists under {Path.cwd()} either; pass the base's folder with --base"
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except HFValidationError as error:
@@ -61,8 +68,8 @@ def _from_hub(repo_id: str) -> Path:
         ) from error
     except OSError as error:  # hub errors all are: offline, no network, not found, gated, incomplete cache
         raise UserError(
-            f"--base {repo_id}: cannot get it from the Hugging Face Hub or its cache "
-            f"({type(error).__name__}); {hint}"
+            f"--base {repo_id}: not a Hub id in the huggingface_hub cache, and the Hub cannot be reached "
+            f"or does not have it ({type(error).__name__}); {hint}"
         ) from error
     if not has_model_weights(folder):
         raise UserError(f"--base {repo_id}: the Hub snapshot {folder} has no safetensors weights; {hint}")

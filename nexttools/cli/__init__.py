@@ -1,13 +1,22 @@
 """The ``nexttools`` command: a thin click shell over the typed core.
 
 Each subcommand lives in its own module of this package and only parses options, calls one core
-function and prints its summary. :func:`main` turns a :class:`~nexttools.errors.UserError` into
-one line on stderr and exit code 2.
+function and prints its summary. :func:`main` ends every way a run can fail in one line on stderr:
+
+- a :class:`~nexttools.errors.UserError`, a usage mistake, or a file-system refusal (full disk,
+  read-only location, a path below a regular file...): exit code 2;
+- Ctrl-C (SIGINT): exit 130; SIGTERM (``timeout``, Slurm, ``docker stop``): exit 143.
+
+Interruptions are raised as exceptions, so every staging folder, partial store and lock is removed
+by the code that made it on the way out, exactly as for an error.
 """
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
+from types import FrameType
 
 import click
 
@@ -31,19 +40,58 @@ def cli() -> None:
     """
 
 
+# File-system refusals that are the user's environment, not a bug.
+_ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+        errno.ENOENT,
+    }
+)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the clean-up of every ``with`` block runs."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+def _fail(message: str, code: int) -> None:
+    console.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True, highlight=False)
+    sys.exit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
+    interrupted = "any partial output, store or lock was removed; re-run the command to finish"
     try:
         cli.main(standalone_mode=False)
     except UserError as error:
-        console.print(f"[red]error:[/red] {error}", markup=True, soft_wrap=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        console.print("[red]aborted[/red]", markup=True)
-        sys.exit(130)
+        _fail(str(error), 2)
+    except click.UsageError as error:
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+        _fail(f"{error.format_message()}{hint}", 2)
     except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
+        _fail(error.format_message(), error.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail(f"interrupted (Ctrl-C): {interrupted}", 130)
+    except Terminated:
+        _fail(f"terminated (SIGTERM): {interrupted}", 143)
+    except OSError as error:
+        if error.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        _fail(f"cannot use{where}: {error.strerror or error}", 2)
 
 
 # Subcommands register themselves on `cli`; imported last so that they can import it.

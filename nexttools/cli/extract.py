@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from nexttools.cli import cli
-from nexttools.cli.options import workdir_options
+from nexttools.cli.options import MAX_STEP, Count, workdir_options
 from nexttools.console import console
 from nexttools.device import DEVICE_HELP
 from nexttools.errors import UserError
@@ -29,6 +29,8 @@ def _parse_steps(
         bounds = None
     if not sep or bounds is None or bounds == (None, None):
         raise UserError(f"--steps {value!r}: expected LO:HI, e.g. 10:150, 100: or :80")
+    if any(b is not None and not 0 <= b <= MAX_STEP for b in bounds):
+        raise UserError(f"--steps {value!r}: steps are between 0 and {MAX_STEP}")
     if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
         raise UserError(f"--steps {value!r}: LO is greater than HI")
     return bounds
@@ -40,11 +42,11 @@ def _parse_steps(
     "--base", help="Base model: local folder or Hub id [default: the adapters' base_model_name_or_path]."
 )
 @workdir_options
-@click.option("--k", type=click.IntRange(min=1), default=5, help="Target horizon, in checkpoints.")
+@click.option("--k", type=Count, default=5, help="Target horizon, in checkpoints.")
 @click.option(
     "--steps", callback=_parse_steps, metavar="LO:HI", help="Only checkpoints with LO <= step <= HI."
 )
-@click.option("--every", type=click.IntRange(min=1), help="Only checkpoints whose step is a multiple of N.")
+@click.option("--every", type=Count, help="Only checkpoints whose step is a multiple of N.")
 @click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def extract_command(

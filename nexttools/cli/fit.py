@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from nexttools.cli import cli
-from nexttools.cli.options import workdir_options
+from nexttools.cli.options import Count, Seed, workdir_options
 from nexttools.console import console
 from nexttools.device import DEVICE_HELP
 from nexttools.fit import FitOptions, FitResult, fit
@@ -19,27 +19,27 @@ from nexttools.predictor import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAU
 
 @cli.command("fit")
 @workdir_options
-@click.option(
-    "--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, help="Full-batch training steps."
-)
+@click.option("--epochs", type=Count, default=DEFAULT_EPOCHS, help="Full-batch training steps.")
 @click.option(
     "--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LR, help="AdamW learning rate."
 )
-@click.option("--width", type=click.IntRange(min=1), default=DEFAULT_WIDTH, help="Hidden units per layer.")
+@click.option("--width", type=Count, default=DEFAULT_WIDTH, help="Hidden units per layer.")
+@click.option("--depth", type=Count, default=DEFAULT_DEPTH, help="Layers per encoder/decoder.")
 @click.option(
-    "--depth", type=click.IntRange(min=1), default=DEFAULT_DEPTH, help="Layers per encoder/decoder."
-)
-@click.option(
-    "--seed", type=int, default=0, help="Seed of the initialisation (same seed, same predictor on CPU)."
+    "--seed", type=Seed, default=0, help="Seed of the initialisation (same seed, same predictor on CPU)."
 )
 @click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option(
     "--holdout",
-    type=click.IntRange(min=1),
+    type=Count,
     help="Target rows held out for the back-test [default: a third of them, at least 1].",
 )
 @click.option("--refit/--no-refit", default=True, help="Retrain on every target row after the back-test.")
-@click.option("--force", is_flag=True, help="Replace a predictor trained on another store.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace a predictor trained on another store file (refitting the same, grown store needs none).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the back-test and predictor as JSON on stdout.")
 def fit_command(
     workdir: Path,

@@ -10,6 +10,13 @@ import click
 
 F = TypeVar("F", bound=Callable[..., object])
 
+MAX_COUNT = 10**9
+"""The largest count (k, epochs, width, ...) an option accepts: larger ones are typos, and some would
+overflow a C integer deep inside numpy or torch instead of failing here."""
+Count = click.IntRange(min=1, max=MAX_COUNT)
+Seed = click.IntRange(min=0, max=2**63 - 1)
+MAX_STEP = 2**62
+
 
 def workdir_options(function: F) -> F:
     """Add ``--workdir`` (default ``./nexttools-run``) and ``--store`` (default ``WORKDIR/trajectory.h5``)."""
