@@ -89,6 +89,34 @@ def _required_files(manifest: dict[str, Any], folder: Path) -> list[str]:
     return ["config.json", index, *sorted(set(weight_map.values()))]
 
 
+# What every reader of a manifest (push, the card) relies on, with its type.
+_REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "method": str,
+    "alpha": (int, float),
+    "k": int,
+    "dtype": str,
+    "library_name": str,
+    "base": dict,
+    "checkpoints": list,
+}
+
+
+def _check_keys(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest that lacks a key (or holds a value of the wrong type) that readers need."""
+    damaged = "; the output is damaged: write it again with `nexttools extrapolate --overwrite`"
+    for key, kind in _REQUIRED_KEYS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise UserError(f"{path} has no valid {key!r}{damaged}")
+    if not isinstance(manifest["base"].get("path"), str):
+        raise UserError(f"{path} has no valid base path{damaged}")
+    for entry in manifest["checkpoints"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("step"), int) and "path" in entry):
+            raise UserError(f"{path} has a checkpoint entry without step and path{damaged}")
+    if not manifest["checkpoints"]:
+        raise UserError(f"{path} lists no checkpoint{damaged}")
+
+
 def verify_output(folder: Path) -> dict[str, Any]:
     """Check that ``folder`` is a complete, unmodified nexttools output and return its manifest.
 
@@ -106,6 +134,7 @@ def verify_output(folder: Path) -> dict[str, Any]:
         raise UserError(f"{path} is unreadable: {error}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise UserError(f"{path} has no file list; the output is incomplete")
+    _check_keys(path, manifest)
     listed: dict[str, Any] = manifest["files"]
     for name, expected in listed.items():
         target = folder / name

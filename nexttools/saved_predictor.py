@@ -53,7 +53,8 @@ def read_config(workdir: Path) -> dict | None:
 def save_predictor(workdir: Path, predictor: TrainedPredictor, config: dict) -> tuple[Path, Path]:
     """Write ``predictor.safetensors`` then ``predictor.json`` (which records the weights' sha256).
 
-    Both are written beside their target and ``os.replace``d; a crash between the two leaves a JSON
+    Both are written in full beside their targets, then ``os.replace``d; a failure before that leaves
+    the previous predictor and no partial file, and a crash between the two renames leaves a JSON
     whose hash does not match, which :func:`load_predictor` refuses: never a whole-looking mix.
     """
     workdir.mkdir(parents=True, exist_ok=True)
@@ -64,14 +65,19 @@ def save_predictor(workdir: Path, predictor: TrainedPredictor, config: dict) -> 
         for name, value in net.state_dict().items()
     }
     partial = weights.with_name(weights.name + ".partial")
-    # Written through open() rather than save_file, which leaves a 0600 file behind; the predictor is
-    # small (kilobytes to a few MB), so serialising it in memory costs nothing.
-    partial.write_bytes(save(tensors, metadata={"format": "pt"}))
-    document = {**config, "weights_sha256": _file_sha256(partial)}
-    os.replace(partial, weights)
     partial_config = config_path.with_name(config_path.name + ".partial")
-    partial_config.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial_config, config_path)
+    try:
+        # Written through open() rather than save_file, which leaves a 0600 file behind; the predictor
+        # is small (kilobytes to a few MB), so serialising it in memory costs nothing.
+        partial.write_bytes(save(tensors, metadata={"format": "pt"}))
+        document = {**config, "weights_sha256": _file_sha256(partial)}
+        partial_config.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(partial, weights)
+        os.replace(partial_config, config_path)
+    except BaseException:  # a full disk, Ctrl-C...: the previous predictor stays, no partial file is left
+        partial.unlink(missing_ok=True)
+        partial_config.unlink(missing_ok=True)
+        raise
     predictor.config = document
     return weights, config_path
 

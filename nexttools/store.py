@@ -17,8 +17,11 @@ process dies, so even ``kill -9`` leaves no stale lock.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +266,34 @@ def open_store(path: Path) -> TrajectoryStore:
         ) from None
 
 
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _fallocate_keep_size(fd: int, nbytes: int) -> int:
+    """Linux ``fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, nbytes)``: 0, or the errno (ENOTSUP elsewhere)."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+    if function is None:
+        return errno.ENOTSUP
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    function.restype = ctypes.c_int
+    return 0 if function(fd, _FALLOC_FL_KEEP_SIZE, 0, nbytes) == 0 else ctypes.get_errno()
+
+
+def estimated_bytes(layout: StoreLayout) -> int:
+    """An upper bound of the size of the store file of ``layout``, in bytes.
+
+    The three delta kinds are ``3 × C × (M + Σout + Σin)`` float32; the tables and strings add
+    their own bytes; HDF5's metadata (object headers, B-trees, the global heap) stays well under
+    64 KiB per dataset, and a flat MiB covers the rest.
+    """
+    c, m = len(layout.steps), len(layout.modules)
+    deltas = 3 * c * (m + int(layout.u_offset[-1]) + int(layout.v_offset[-1])) * 4
+    strings = sum(len(text.encode()) + 16 for text in (*layout.paths, *layout.fingerprints, *layout.modules))
+    strings += sum(len(text.encode()) + 16 for text in layout.carried)
+    tables = 8 * (c + 4 * m + 2)
+    return deltas + 2 * strings + tables + 20 * 64 * 1024 + 2**20
+
+
 class StoreWriter:
     """Builds a complete store in ``<store>.partial`` and atomically replaces the store on :meth:`commit`.
 
@@ -278,7 +309,33 @@ class StoreWriter:
         self._written: set[tuple[DeltaKind, int]] = set()
         self.partial.unlink(missing_ok=True)
         self._file = h5py.File(self.partial, "w")
-        self._write_header()
+        try:
+            self._reserve_space()
+            self._write_header()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _reserve_space(self) -> None:
+        """Reserve the whole file's blocks up front, so that a full disk is a clean error here.
+
+        HDF5 cannot survive a failed write: on ENOSPC it raises from inside its metadata cache and
+        then crashes the process on close, leaving the partial file behind. With the blocks of an
+        upper bound of the file's size reserved (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``: the
+        file's size does not change) no later write can run out of space; :meth:`commit` releases
+        what the file did not use. Where ``fallocate`` is not supported, the free space is checked.
+        """
+        needed = estimated_bytes(self.layout)
+        with open(self.partial, "r+b") as handle:
+            code = _fallocate_keep_size(handle.fileno(), needed)
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (
+            code != 0 and shutil.disk_usage(self.partial.parent).free < needed
+        ):
+            free = shutil.disk_usage(self.partial.parent).free
+            raise UserError(
+                f"not enough disk space for {self.path}: it needs up to {needed / 1e6:.1f} MB, "
+                f"{free / 1e6:.1f} MB are free; nothing was changed"
+            )
 
     def _write_header(self) -> None:
         layout, file = self.layout, self._file
@@ -342,6 +399,7 @@ class StoreWriter:
             raise RuntimeError(f"store rows never written: {', '.join(missing[:5])}")
         self._file.flush()
         self._file.close()
+        os.truncate(self.partial, self.partial.stat().st_size)  # releases the unused reservation
         with open(self.partial, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(self.partial, self.path)

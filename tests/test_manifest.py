@@ -15,6 +15,21 @@ from nexttools.manifest import MANIFEST_NAME, file_fingerprint, verify_output, w
 from nexttools.writer import ShardedWriter, TensorSpec
 
 
+def _manifest(output_format: str, **fields: object) -> dict[str, object]:
+    """The keys every manifest reader relies on (``extrapolate`` writes many more)."""
+    return {
+        "format": output_format,
+        "method": "next",
+        "alpha": 1.5,
+        "k": 5,
+        "dtype": "float32",
+        "library_name": "peft" if output_format == "adapter" else "transformers",
+        "base": {"path": "/models/base", "id": None},
+        "checkpoints": [{"step": 10, "path": "/runs/checkpoint-10"}],
+        **fields,
+    }
+
+
 def _merged_output(folder: Path, limit: int) -> dict[str, torch.Tensor]:
     folder.mkdir()
     tensors = {f"layer{i}.weight": torch.full((16, 16), float(i)) for i in range(4)}
@@ -31,7 +46,7 @@ def _merged_output(folder: Path, limit: int) -> dict[str, torch.Tensor]:
 def test_manifest_lists_every_file_but_itself_and_the_card(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _merged_output(out, 2048)
-    path = write_manifest(out, {"format": "merged", "alpha": 1.5})
+    path = write_manifest(out, _manifest("merged"))
     manifest = json.loads(path.read_text())
     assert path.name == MANIFEST_NAME and manifest["alpha"] == 1.5
     expected = {
@@ -78,7 +93,7 @@ def test_safetensors_fingerprint_is_the_header_only(tmp_path: Path) -> None:
 def test_verify_output_refuses_damaged_outputs(tmp_path: Path, damage, message: str) -> None:
     out = tmp_path / "out"
     _merged_output(out, 2048)
-    write_manifest(out, {"format": "merged"})
+    write_manifest(out, _manifest("merged"))
     damage(out)
     with pytest.raises(UserError, match=message) as raised:
         verify_output(out)
@@ -88,17 +103,17 @@ def test_verify_output_refuses_damaged_outputs(tmp_path: Path, damage, message: 
 def test_single_file_and_adapter_outputs(tmp_path: Path) -> None:
     merged = tmp_path / "merged"
     _merged_output(merged, 10**6)
-    write_manifest(merged, {"format": "merged"})
+    write_manifest(merged, _manifest("merged"))
     assert "model.safetensors" in verify_output(merged)["files"]
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     save_file({"a": torch.ones(2)}, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    write_manifest(adapter, {"format": "adapter"})
+    write_manifest(adapter, _manifest("adapter"))
     with pytest.raises(UserError, match=r"adapter_config\.json is not listed"):
         verify_output(adapter)
     (adapter / "adapter_config.json").write_text("{}")
-    write_manifest(adapter, {"format": "adapter"})
+    write_manifest(adapter, _manifest("adapter"))
     assert verify_output(adapter)["format"] == "adapter"
     with pytest.raises(UserError, match="not a complete nexttools output"):
         verify_output(tmp_path / "nowhere")
@@ -113,3 +128,26 @@ def _unlist(out: Path, name: str) -> None:
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     del manifest["files"][name]
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda m: m.pop("method"), id="no-method"),
+        pytest.param(lambda m: m.update(k="5"), id="k-not-int"),
+        pytest.param(lambda m: m.update(checkpoints=[]), id="no-checkpoint"),
+        pytest.param(lambda m: m["base"].pop("path"), id="no-base-path"),
+        pytest.param(lambda m: m.update(checkpoints=[{"path": "x"}]), id="checkpoint-without-step"),
+    ],
+)
+def test_a_manifest_missing_what_readers_need_is_one_clear_error(tmp_path: Path, damage) -> None:
+    out = tmp_path / "out"
+    _merged_output(out, 2048)
+    manifest = _manifest("merged")
+    damage(manifest)
+    write_manifest(out, manifest)
+    with pytest.raises(UserError, match="the output is damaged"):
+        verify_output(out)
+    (out / MANIFEST_NAME).write_text("")
+    with pytest.raises(UserError, match="is unreadable"):
+        verify_output(out)
