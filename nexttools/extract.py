@@ -1,4 +1,4 @@
-"""``extract``: a run's checkpoints -> the exact rank-1 trajectory store (DESIGN.md, schema v1).
+"""``extract``: a run's checkpoints -> the exact rank-1 trajectory store (schema v1, ``docs/store.md``).
 
 Order of work, and why:
 
@@ -347,7 +347,7 @@ class Plan:
 def plan_rows(fresh: StoreLayout, old: StoreLayout | None, store: Path) -> Plan:
     """Plan the new store from ``fresh`` (the layout of the current selection) and the ``old`` store.
 
-    Rules (DESIGN.md "Appending", issue 2): unchanged rows are kept; new checkpoints must come
+    Rules (``docs/store.md``, "Appending"): unchanged rows are kept; new checkpoints must come
     after the stored ones (else the store is rebuilt from scratch); a stored checkpoint whose
     folder is gone keeps its rows; a changed fingerprint recomputes G and L of that row, L of the
     next, the targets that use it (and the sign chain after it, in :func:`_align`); another k
@@ -631,7 +631,8 @@ def _module_rows(
 
 
 def _align(triples: dict[DeltaKind, list[Rank1 | None]]) -> None:
-    """DESIGN.md sign convention, in place: G to the previous non-zero G, L and T to their row's G.
+    """The sign convention (README, "How it works, exactly"), in place: G to the previous non-zero G,
+    L and T to their row's G.
 
     Kept rows go through it too: unchanged they come out bit-identical, and after a recomputed
     row they follow its new sign, which is the "G sign chain after it" of a changed checkpoint.

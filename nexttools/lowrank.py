@@ -1,9 +1,10 @@
 """Top singular triple ("rank-1") of weight deltas: exactly from LoRA factors, or of a dense matrix.
 
-A LoRA delta is ΔW = left @ right.T with r columns; the deltas NExt needs (DESIGN.md: G_i = ΔW_i,
-L_i = ΔW_i − ΔW_{i−1}, T_i = ΔW_{i+k} − ΔW_i) are differences of two such products, so they are
-``P C Qᵀ`` with the stacked factors P = [L_new, L_old] (rows, 2r), Q = [R_new, R_old] (cols, 2r) and
-C = diag(I, −I). Their top triple is computed from 2r×2r quantities; no rows×cols matrix is built.
+A LoRA delta is ΔW = left @ right.T with r columns; the deltas NExt needs (README, "How it works,
+exactly": G_i = ΔW_i, L_i = ΔW_i − ΔW_{i−1}, T_i = ΔW_{i+k} − ΔW_i) are differences of two such
+products, so they are ``P C Qᵀ`` with the stacked factors P = [L_new, L_old] (rows, 2r),
+Q = [R_new, R_old] (cols, 2r) and C = diag(I, −I). Their top triple is computed from 2r×2r
+quantities; no rows×cols matrix is built.
 
 Route choice, measured on one Qwen2.5-1.5B-shaped layer (q,k,v,o,gate,up,down, r = 64, 15 checkpoints)
 on the shared 2-core CPU: the Gram route below costs ~120 ms per layer-checkpoint for all 7 modules
@@ -28,12 +29,12 @@ float64 SVD of a single gate_proj delta takes ~8 s.
 * **QR route (the exact fallback).** When the estimate exceeds 1e-8 (σ error ≲ 1e-8 is still far
   inside float32 precision), when the stacked Gram is numerically singular (Cholesky fails, e.g. one
   factor unchanged), the delta is recomputed from Householder QR of the stacked float64 factors and the
-  SVD of the small core (DESIGN.md): backward stable column by column, so its error is ε₆₄·κ, not
+  SVD of the small core: backward stable column by column, so its error is ε₆₄·κ, not
   ε₆₄·κ². It is 5-10× slower but rare on real runs. Its result below its own rounding floor is a
   numerically zero delta.
 
 Zero deltas (a zero factor, an identical checkpoint, or a difference below the rounding floor) give
-``Rank1`` with σ = 0 and u = v = 0, as DESIGN.md requires.
+``Rank1`` with σ = 0 and u = v = 0, as the store schema requires (``docs/store.md``).
 
 Dense deltas (full-weight runs) use :func:`rank1_dense`, a block subspace iteration in float32 on the
 tensor's own device.
@@ -377,7 +378,7 @@ def energy_ratio(f: LowRankFactors) -> float:
 
 
 def align_sign(r: Rank1, reference_u: Tensor | None) -> Rank1:
-    """Flip (u, v) → (−u, −v) so that u·reference_u ≥ 0 (DESIGN.md "Sign convention").
+    """Flip (u, v) → (−u, −v) so that u·reference_u ≥ 0 (README, "How it works, exactly").
 
     With no reference, or a zero one, the largest-|u| entry (first on ties) is made positive.
     A zero triple is returned as is. σ u vᵀ is unchanged by the flip.

@@ -1,7 +1,7 @@
 """The trajectory store: HDF5 schema v1, its reader, its crash-safe writer and its lock.
 
 One file, ``trajectory.h5``, holds the exact rank-1 triples (σ, u, v) of the global, local and
-target deltas of every module at every checkpoint (DESIGN.md, "Trajectory store, schema v1";
+target deltas of every module at every checkpoint (schema v1;
 user documentation in ``docs/store.md``). Row i of every per-checkpoint array is checkpoint i in
 step order; per-module vectors are concatenated along the column axis and cut by the offset
 arrays, so the file holds a handful of large datasets whatever the number of modules.

@@ -86,6 +86,10 @@ class TrainerCheckpoint(OutputFormat):
             tensors = read_adapter_tensors(folder)
             for name, module in last.modules.items():
                 tensors[module.key_a], tensors[module.key_b] = jump.new_factors(name)
+                if not all(
+                    bool(torch.isfinite(t).all()) for t in (tensors[module.key_a], tensors[module.key_b])
+                ):
+                    raise UserError(f"the jumped factors of {name} are not finite (try a smaller --alpha)")
             copied = _copied_files(folder, {ADAPTER_WEIGHTS, "adapter_model.bin"})
             dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
 
@@ -108,7 +112,9 @@ class TrainerCheckpoint(OutputFormat):
         def compute(name: str) -> torch.Tensor:
             return apply_change(last.get(name).to(device, torch.float32), jump.change(name))
 
-        copied = _copied_files(folder, {p.name for p in last.files} | {CONFIG_NAME})
+        # Any other copy of the weights would be loaded instead of (or over) the jumped ones.
+        stale = {p.name for p in folder.glob("pytorch_model*.bin*")} | {"pytorch_model.bin.index.json"}
+        copied = _copied_files(folder, {p.name for p in last.files} | {CONFIG_NAME} | stale)
         files = sizes_of(copied) | writer_file_sizes(plan, request.max_shard_size)
 
         def write_model_checkpoint(out: Path) -> None:
