@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from nexttools.checkpoints.discover import CheckpointRef
+from nexttools.checkpoints.verl_fsdp import LORA_META, is_verl_fsdp, read_lora_tensors
+from nexttools.checkpoints.verl_fsdp import lora_config as verl_lora_config
 from nexttools.checkpoints.weights import ModelWeights, SafetensorsHeader, read_safetensors_header
 from nexttools.console import warn
 from nexttools.errors import UserError
@@ -84,11 +86,13 @@ class LoraModule:
 class _TensorFile:
     """The adapter's tensors: names, shapes and dtypes up front, values one at a time."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.path = path
         self._header: SafetensorsHeader | None = None
-        self._tensors: dict[str, torch.Tensor] | None = None
-        if path.suffix == ".safetensors":
+        self._tensors: dict[str, torch.Tensor] | None = tensors
+        if tensors is not None:  # already in memory (reassembled from verl's FSDP shards)
+            self.shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+        elif path.suffix == ".safetensors":
             self._header = read_safetensors_header(path)
             self.shapes = {key: info.shape for key, info in self._header.tensors.items()}
         else:
@@ -228,6 +232,8 @@ def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:
     """
     if ref.kind != "lora":
         raise ValueError(f"open_adapter needs a LoRA checkpoint, got kind={ref.kind!r} for {ref.path}")
+    if is_verl_fsdp(ref.path):
+        return _open_verl_fsdp(ref)
     config_path = ref.path / CONFIG_FILE
     config = _read_config(config_path)
     _refuse_unsupported(config_path, config)
@@ -244,6 +250,21 @@ def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:
     tensors = _TensorFile(weights_path)
     modules, carried = _map_keys(weights_path, tensors.shapes, config)
     return AdapterCheckpoint(ref, config, tensors, modules, carried)
+
+
+def _open_verl_fsdp(ref: CheckpointRef) -> AdapterCheckpoint:
+    """A verl FSDP-engine ``actor/`` folder as an adapter: the LoRA tensors reassembled from the shards,
+    r and alpha from ``lora_train_meta.json`` (:mod:`nexttools.checkpoints.verl_fsdp`)."""
+    tensors, files = read_lora_tensors(ref.path)
+    shards = files[0]
+    paths = sorted({normalise_key(key)[: normalise_key(key).rfind(".lora_")] for key in tensors})
+    config = verl_lora_config(ref.path, paths)
+    _refuse_unsupported(ref.path / LORA_META, config)
+    tensor_file = _TensorFile(shards, tensors)
+    modules, carried = _map_keys(shards, tensor_file.shapes, config)
+    checkpoint = AdapterCheckpoint(ref, config, tensor_file, modules, carried)
+    checkpoint.files = files
+    return checkpoint
 
 
 def _read_config(path: Path) -> dict[str, Any]:

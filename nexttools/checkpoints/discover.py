@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from nexttools.checkpoints.verl_fsdp import LORA_META, is_verl_fsdp
 from nexttools.checkpoints.weights import has_model_weights
 from nexttools.console import warn
 from nexttools.errors import UserError
@@ -51,7 +52,8 @@ _STEP_FOLDER = re.compile(r"(?:global_)?step[_-]?(\d+)")
 
 LOOKED_FOR = (
     "checkpoint-N/ (TRL, HF Trainer, Unsloth, LLaMA-Factory), checkpoint-N/model/ with CHECKPOINT_COMPLETE "
-    "(LLaMA-Factory v1), global_step_N/actor/lora_adapter/ (verl), global_stepN_hf/ (OpenRLHF), "
+    "(LLaMA-Factory v1), global_step_N/actor/lora_adapter/ or model_world_size_W_rank_R.pt with "
+    "lora_train_meta.json (verl), global_stepN_hf/ (OpenRLHF), "
     "step_N/ step-N/ global_stepN/ folders, or the run folder itself, holding adapter_model.safetensors "
     "or .bin (LoRA) or model.safetensors or model.safetensors.index.json (full weights)"
 )
@@ -180,6 +182,13 @@ def _trl_checkpoint(folder: Path, number: int, skipped: list[str]) -> Checkpoint
 def _verl_checkpoint(folder: Path, number: int, skipped: list[str]) -> CheckpointRef | None:
     """verl ``global_step_N/``: legacy ``actor/lora_adapter/``, else HF weights in ``actor/huggingface/``."""
     actor = folder / "actor"
+    if weights_kind(actor / "lora_adapter") is None and is_verl_fsdp(actor):
+        if (actor / LORA_META).is_file():
+            return CheckpointRef(step=number, path=actor, kind="lora", layout="verl-fsdp")
+        raise UserError(
+            f"{actor / LORA_META} is missing: a verl LoRA run's r and alpha live only there (a full-weight "
+            "run's FSDP shards are not read: export them with `python -m verl.model_merger merge`)"
+        )
     for candidate, layout in (
         (actor / "lora_adapter", "verl"),
         (actor / "huggingface", "verl"),

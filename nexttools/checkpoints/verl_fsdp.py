@@ -1,0 +1,152 @@
+"""verl ≥ 0.8 (FSDP engine) LoRA checkpoints: the adapter inside ``model_world_size_W_rank_R.pt``.
+
+Since verl 0.8 a LoRA run's ``global_step_N/actor/`` holds no ``lora_adapter/`` folder: each rank
+``torch.save``s its ``model.state_dict()``, DTensors sharded on the FSDP mesh (``Shard(0)``; HSDP
+adds a ``Replicate`` mesh dimension; plain tensors at W = 1), with every base weight beside the LoRA
+tensors unless ``checkpoint.save_lora_only``. ``fsdp_config.json`` gives ``world_size``;
+``lora_train_meta.json`` gives ``r`` and ``lora_alpha``, which live nowhere else.
+
+Reading, safely and cheaply:
+
+- ``torch.load(weights_only=True, mmap=True)`` after importing ``torch.distributed.tensor``, which
+  registers DTensor and its mesh and placements as weights-only globals (never the ``safe_globals``
+  context manager: it unregisters them on exit). No process group is needed.
+- With ``mmap=True`` only the tensors touched are paged in: the LoRA tensors, not the base weights.
+- A DTensor is reassembled from the ranks' local tensors, in mesh order, along its ``Shard`` dim
+  (FSDP2 local tensors are unpadded, so uneven splits just concatenate); a ``Replicate`` dim takes
+  its first replica. ``Partial`` and ``_StridedShard`` (FSDP + TP) are refused.
+- Optimizer, ``extra_state`` and ``data.pt`` files are never opened: they are plain pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nexttools.errors import UserError
+
+FSDP_CONFIG = "fsdp_config.json"
+LORA_META = "lora_train_meta.json"
+_LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)[.]")
+
+
+def is_verl_fsdp(folder: Path) -> bool:
+    """Whether ``folder`` is a verl FSDP-engine ``actor/`` folder (it has ``fsdp_config.json``)."""
+    return (folder / FSDP_CONFIG).is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: verl writes it beside the FSDP shards of a LoRA run")
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return document
+
+
+def rank_files(folder: Path) -> list[Path]:
+    """``model_world_size_W_rank_R.pt`` for R in 0 … W−1 (W from ``fsdp_config.json``); each must exist."""
+    config = _read_json(folder / FSDP_CONFIG)
+    world = config.get("world_size")
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise UserError(f"{folder / FSDP_CONFIG}: world_size {world!r} is not a positive integer")
+    files = [folder / f"model_world_size_{world}_rank_{rank}.pt" for rank in range(world)]
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"{path} is missing: an FSDP checkpoint of world size {world} needs every rank")
+    return files
+
+
+def lora_config(folder: Path, module_paths: list[str]) -> dict[str, Any]:
+    """An ``adapter_config.json`` equivalent from ``lora_train_meta.json`` and the modules in the shards."""
+    meta = _read_json(folder / LORA_META)
+    if "r" not in meta or "lora_alpha" not in meta:
+        raise UserError(f"{folder / LORA_META}: needs r and lora_alpha")
+    targets = sorted({path.rsplit(".", 1)[-1] for path in module_paths})
+    return {
+        "peft_type": "LORA",
+        "r": meta["r"],
+        "lora_alpha": meta["lora_alpha"],
+        "task_type": meta.get("task_type"),
+        "target_modules": targets,
+        "use_rslora": False,  # verl has no rsLoRA
+    }
+
+
+def _load(path: Path) -> dict[str, Any]:
+    import torch.distributed.tensor  # registers DTensor & co. as weights-only globals
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable weights-only torch file ({type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a state dict")
+    return state
+
+
+def _assemble(key: str, values: list[Any], files: list[Path]) -> torch.Tensor:
+    """The full tensor ``key`` from its value in every rank's state dict."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    first = values[0]
+    if not isinstance(first, DTensor):
+        if len(values) == 1 and isinstance(first, torch.Tensor):
+            return first.detach().clone()
+        raise UserError(f"{files[0]}: {key} is a {type(first).__name__}, not a DTensor of the FSDP mesh")
+    mesh = first.device_mesh.mesh  # the global rank at every mesh coordinate
+    shard_dim: int | None = None
+    for placement in first.placements:
+        if type(placement) is Shard and shard_dim is None:
+            shard_dim = placement.dim
+        elif type(placement) is not Replicate:
+            raise UserError(
+                f"{files[0]}: {key} is placed as {placement} (FSDP + tensor parallel?), "
+                "which is not supported"
+            )
+    order = _rank_order(mesh, first.placements)
+    if any(rank >= len(values) for rank in order):
+        raise UserError(f"{files[0]}: {key} lives on ranks {order}, beyond the {len(values)} rank files")
+    pieces = [values[rank]._local_tensor for rank in order]
+    if shard_dim is None:
+        return pieces[0].detach().clone()
+    return torch.cat([piece.detach() for piece in pieces], dim=shard_dim)
+
+
+def _rank_order(mesh: torch.Tensor, placements: tuple[Any, ...]) -> list[int]:
+    """The ranks whose local tensors make up the whole: index 0 along every ``Replicate`` mesh dim,
+    all coordinates (in order) along the ``Shard`` one."""
+    from torch.distributed.tensor import Replicate
+
+    picked = mesh
+    for mesh_dim in reversed(range(mesh.ndim)):
+        if type(placements[mesh_dim]) is Replicate:
+            picked = picked.select(mesh_dim, 0)
+    return [int(rank) for rank in picked.reshape(-1).tolist()]
+
+
+def read_lora_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """The LoRA tensors of the verl ``actor/`` folder, whole, keyed as in the shards; and the files read.
+
+    Only keys of LoRA factors are touched (``mmap=True`` leaves the base weights on disk).
+    """
+    files = rank_files(folder)
+    states = [_load(path) for path in files]
+    keys = [key for key in states[0] if _LORA_KEY.search(key)]
+    if not keys:
+        raise UserError(f"{files[0]}: holds no LoRA tensors (lora_A/lora_B): is this a full-weight run?")
+    tensors: dict[str, torch.Tensor] = {}
+    for key in keys:
+        missing = [path for path, state in zip(files, states, strict=True) if key not in state]
+        if missing:
+            raise UserError(f"{missing[0]}: has no {key}, which rank 0 holds")
+        tensors[key] = _assemble(key, [state[key] for state in states], files)
+    return tensors, [*files, folder / FSDP_CONFIG, folder / LORA_META]
