@@ -199,7 +199,7 @@ def test_resume_instructions(short_run: DemoRun, tmp_path: Path) -> None:
     base = render_model_card(tmp_path, manifest, repo_id="my-org/nb")
     assert "LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])" in base
     assert f'trainer.train(resume_from_checkpoint="{last}")' in base
-    assert "the KL anchor moves" in base and "not resumable in place as of verl 0.9" in base
+    assert "the KL anchor moves" in base and "no verified in-place resume" in base
     assert "OpenRLHF**: has no option to continue" in base
 
     checkpoint = render_model_card(tmp_path, make_manifest(short_run, output_format="checkpoint"))

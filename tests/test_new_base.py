@@ -172,3 +172,17 @@ def test_adapter_declares_its_real_rank_at_the_top_level(tmp_path: Path) -> None
     assert config["r"] == 9 and config["lora_alpha"] == pytest.approx(18.0)  # scaling 16/8 kept at rank 9
     assert set(config["rank_pattern"].values()) == {9}
     assert json.loads((adapter / "nexttools.json").read_text())["adapter_rank"] == 9
+
+
+def test_alpha_zero_adapter_is_the_runs_own_last_adapter(tmp_path: Path) -> None:
+    """What the verl route in the README relies on: α = 0 writes the last checkpoint's adapter unchanged."""
+    from safetensors.torch import load_file
+
+    built = build_demo_run(tmp_path / "run", steps=STEPS)
+    workdir = tmp_path / "work"
+    extract(ExtractOptions(run=built.run, workdir=workdir, k=K, device="cpu"))
+    adapter = _write(workdir, tmp_path / "own", method="rl-extra", alpha=0.0, format="adapter")
+    written = load_file(adapter / "adapter_model.safetensors")
+    original = load_file(built.run / f"checkpoint-{STEPS[-1]}" / "adapter_model.safetensors")
+    assert set(written) == set(original) and all(torch.equal(written[k], original[k]) for k in original)
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
