@@ -189,7 +189,7 @@ def test_nothing_recognisable(tmp_path: Path) -> None:
     with pytest.raises(UserError) as error:
         discover_checkpoints(empty)
     message = str(error.value)
-    assert "no checkpoints found; looked for checkpoint-N/" in message and "global_stepN_hf/" in message
+    assert "no checkpoints found; looked for `checkpoint-N/`" in message and "`global_stepN_hf/`" in message
     assert "skipped: " in message and "checkpoint-10 (no adapter_model" in message and "\n" not in message
 
 

@@ -1,29 +1,17 @@
-"""Find and order the checkpoints of a run, whatever trainer wrote them.
+"""Find and order the checkpoints of a run, whatever trainer wrote them: the layout registry.
 
-Each trainer has its own folder layout and its own record of the training step; this module knows
-them (``/work/shared/reference/checkpoint-formats.md`` §2-3) and turns a run folder into a sorted
-list of :class:`CheckpointRef`. It only looks at names and small JSON files: reading and validating
-the weights is :mod:`nexttools.checkpoints.adapter` and :mod:`nexttools.checkpoints.weights`.
+Each trainer has its own folder layout and its own record of the training step. :data:`LAYOUTS` has
+one :class:`Layout` per layout: how its checkpoint folders are named, how a folder becomes a
+:class:`CheckpointRef` (where the weights are, LoRA or full, the step) and what it skips. Discovery,
+the "looked for" message and the README's layout table all come from it; adding a layout is one entry
+plus a fixture test (``docs/extending.md``). This module only looks at names and small JSON files:
+reading and validating the weights is :mod:`nexttools.checkpoints.adapter`, ``.verl_fsdp`` and
+``.weights``.
 
-Layouts (``layout`` value: folder, relative to the run folder):
-
-- ``"trl"``: ``checkpoint-N/`` (TRL, HF Trainer, Unsloth, classic LLaMA-Factory); the step is
-  ``trainer_state.json:global_step``, else N. Sub-folders (TRL's frozen ``ref/`` adapter,
-  DeepSpeed's ``global_stepN/``) and run-level extras (LLaMA-Factory's ``pissa_init/``, the final
-  model saved beside the checkpoints) are not checkpoints and are ignored.
-- ``"llamafactory-v1"``: ``checkpoint-N/model/``, only when ``checkpoint-N/CHECKPOINT_COMPLETE``
-  exists; the step is ``checkpoint-N/metadata.json:global_step``, else N.
-- ``"verl"``: ``global_step_N/actor/lora_adapter/`` (legacy workers), or full weights in
-  ``global_step_N/actor/huggingface/``; the step is N.
-- ``"openrlhf"``: ``global_stepN_hf/``; the step is N.
-- ``"step-folder"``: ``step_N/``, ``step-N/``, ``stepN/``, ``global_stepN/``, ``global_step_N/``
-  holding the weights directly; the step is N.
-- ``"adapter"`` / ``"hf-model"``: the run folder *is* one adapter / one HF model folder (used only
-  when it holds no checkpoint folders); the step is ``trainer_state.json:global_step``, else a step
-  in the folder name, else 0.
-
-Every checkpoint is ``kind="lora"`` (``adapter_model.safetensors``, or ``adapter_model.bin``) or
-``kind="full"`` (``model.safetensors`` or ``model.safetensors.index.json``); a run mixing both is
+Two more rules apply before the registry: a run folder that holds exactly one run folder of ms-swift
+(``vN-YYYYMMDD-HHMMSS/``) or prime-rl (``broadcasts/``) is descended into; and the run folder itself
+may be one adapter or model folder (layouts ``"adapter"`` / ``"hf-model"``), used only when it holds
+no checkpoint folders. Every checkpoint is ``kind="lora"`` or ``kind="full"``; a run mixing both is
 refused.
 """
 
@@ -32,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,17 +34,10 @@ Kind = Literal["lora", "full"]
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
-_TRL = re.compile(r"checkpoint-(\d+)")
-_VERL = re.compile(r"global_step_(\d+)")
-_OPENRLHF = re.compile(r"global_step(\d+)_hf")
-_STEP_FOLDER = re.compile(r"(?:global_)?step[_-]?(\d+)")
-
-LOOKED_FOR = (
-    "checkpoint-N/ (TRL, HF Trainer, Unsloth, LLaMA-Factory), checkpoint-N/model/ with CHECKPOINT_COMPLETE "
-    "(LLaMA-Factory v1), global_step_N/actor/lora_adapter/ or model_world_size_W_rank_R.pt with "
-    "lora_train_meta.json (verl), global_stepN_hf/ (OpenRLHF), "
-    "step_N/ step-N/ global_stepN/ folders, or the run folder itself, holding adapter_model.safetensors "
-    "or .bin (LoRA) or model.safetensors or model.safetensors.index.json (full weights)"
+_SWIFT_RUN = re.compile(r"v\d+-\d{8}-\d{6}")
+MERGER_TRAP_HINT = (
+    "holds full weights and a lora_adapter/ folder (what `verl.model_merger merge` writes): the "
+    "weights are the unmerged base, so the adapter in {adapter} is read instead"
 )
 
 
@@ -110,6 +92,7 @@ def discover_checkpoints(
     if steps is not None and None not in steps and steps[0] > steps[1]:  # type: ignore[operator]
         raise UserError(f"--steps {steps[0]}:{steps[1]} is empty (start after end)")
 
+    run = _descend(run)
     found, skipped = _scan_children(run)
     if not found:
         single = _as_single_folder(run)
@@ -141,24 +124,33 @@ def discover_checkpoints(
 
 
 def _scan_children(run: Path) -> tuple[list[CheckpointRef], list[str]]:
-    """Checkpoints among the direct sub-folders of ``run``, and a reason for each one skipped."""
+    """Checkpoints among the direct sub-folders of ``run`` (first matching layout wins), and a reason
+    for each one skipped."""
     found: list[CheckpointRef] = []
     skipped: list[str] = []
     for child in sorted(p for p in run.iterdir() if p.is_dir()):
-        name = child.name
-        if match := _TRL.fullmatch(name):
-            ref = _trl_checkpoint(child, int(match[1]), skipped)
-        elif match := _OPENRLHF.fullmatch(name):
-            ref = _ref(child, int(match[1]), "openrlhf", skipped)
-        elif (match := _VERL.fullmatch(name)) and (child / "actor").is_dir():
-            ref = _verl_checkpoint(child, int(match[1]), skipped)
-        elif match := _STEP_FOLDER.fullmatch(name):
-            ref = _ref(child, int(match[1]), "step-folder", skipped)
-        else:
-            continue
-        if ref is not None:
-            found.append(ref)
+        for layout in LAYOUTS:
+            match = layout.pattern.fullmatch(child.name)
+            if match and layout.recognises(child):
+                ref = layout.resolve(child, int(match["step"]), skipped)
+                if ref is not None:
+                    found.append(ref)
+                break
     return found, skipped
+
+
+def _descend(run: Path) -> Path:
+    """The folder that holds the checkpoints: ``run``, or its one ms-swift ``vN-<date>/`` run folder,
+    or prime-rl's ``broadcasts/``."""
+    if (run / "broadcasts").is_dir() and not any(_scan_children(run)[0]):
+        return run / "broadcasts"
+    swift = sorted(p for p in run.iterdir() if p.is_dir() and _SWIFT_RUN.fullmatch(p.name))
+    if len(swift) > 1 and not _scan_children(run)[0]:
+        names = ", ".join(p.name for p in swift)
+        raise UserError(f"{run} holds {len(swift)} ms-swift runs ({names}): pass the one to extract")
+    if len(swift) == 1 and not _scan_children(run)[0]:
+        return swift[0]
+    return run
 
 
 def _trl_checkpoint(folder: Path, number: int, skipped: list[str]) -> CheckpointRef | None:
@@ -180,7 +172,9 @@ def _trl_checkpoint(folder: Path, number: int, skipped: list[str]) -> Checkpoint
 
 
 def _verl_checkpoint(folder: Path, number: int, skipped: list[str]) -> CheckpointRef | None:
-    """verl ``global_step_N/``: legacy ``actor/lora_adapter/``, else HF weights in ``actor/huggingface/``."""
+    """verl ``global_step_N/``, in this order: legacy ``actor/lora_adapter/``; the FSDP engine's shards
+    with ``lora_train_meta.json``; Megatron-Bridge's ``actor/model/huggingface/adapter/``; the NExt
+    paper's merged ``hf_model/``; HF weights in ``actor/huggingface/``."""
     actor = folder / "actor"
     if weights_kind(actor / "lora_adapter") is None and is_verl_fsdp(actor):
         if (actor / LORA_META).is_file():
@@ -191,6 +185,8 @@ def _verl_checkpoint(folder: Path, number: int, skipped: list[str]) -> Checkpoin
         )
     for candidate, layout in (
         (actor / "lora_adapter", "verl"),
+        (actor / "model" / "huggingface" / "adapter", "verl-megatron"),
+        (folder / "hf_model", "next-paper"),
         (actor / "huggingface", "verl"),
         (folder, "step-folder"),
     ):
@@ -198,13 +194,147 @@ def _verl_checkpoint(folder: Path, number: int, skipped: list[str]) -> Checkpoin
         if kind is not None:
             return CheckpointRef(step=number, path=candidate, kind=kind, layout=layout)
     skipped.append(
-        f"{folder} (no actor/lora_adapter/ or HF weights in actor/huggingface/: export the FSDP shards with "
+        f"{folder} (no actor/lora_adapter/, FSDP shards or HF weights: export the checkpoint with "
         "`python -m verl.model_merger merge`)"
     )
     return None
 
 
+def _prime_rl_checkpoint(folder: Path, number: int, skipped: list[str]) -> CheckpointRef | None:
+    """prime-rl ``broadcasts/step_N/``: complete only once its ``STABLE`` marker is written."""
+    if not (folder / "STABLE").is_file():
+        skipped.append(f"{folder} (incomplete: no STABLE marker)")
+        return None
+    return _ref(folder, number, "prime-rl", skipped)
+
+
+def _nemo_rl_checkpoint(folder: Path, number: int, skipped: list[str]) -> CheckpointRef | None:
+    """NeMo-RL ``step_N/policy/weights/model/`` (``tmp_step_N/``, still being written, never matches)."""
+    return _ref(folder / "policy" / "weights" / "model", number, "nemo-rl", skipped)
+
+
+def _folder_checkpoint(layout: str) -> Callable[[Path, int, list[str]], CheckpointRef | None]:
+    """A layout whose checkpoint folder holds the weights directly; the step is the folder's number."""
+
+    def resolve(folder: Path, number: int, skipped: list[str]) -> CheckpointRef | None:
+        return _ref(folder, number, layout, skipped)
+
+    return resolve
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One trainer layout of the registry.
+
+    ``pattern`` matches a checkpoint folder's name, with the step (or the number the step defaults
+    to) in the group ``step``; ``recognises`` may look inside the folder to tell layouts with the same
+    names apart; ``resolve`` turns the folder into a :class:`CheckpointRef` (or None, noting why in
+    ``skipped``). ``trainers``, ``folder`` and ``step_source`` are the README table's columns.
+    """
+
+    name: str
+    trainers: str
+    folder: str
+    step_source: str
+    pattern: re.Pattern[str]
+    resolve: Callable[[Path, int, list[str]], CheckpointRef | None]
+    recognises: Callable[[Path], bool] = lambda folder: True
+
+    @property
+    def table_row(self) -> str:
+        """This layout's row of the README's "Supported checkpoint layouts" table."""
+        return f"| {self.trainers} | {self.folder} | {self.step_source} |"
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        "trl",
+        "TRL, HF Trainer, Unsloth, axolotl, LLaMA-Factory, ROLL, ms-swift "
+        "(its `vN-<date>/` run folder is descended into)",
+        "`checkpoint-N/` with `adapter_model.safetensors` (or `.bin`) and `adapter_config.json`, or full "
+        "weights; `ref/`, DeepSpeed `global_stepN/` and `pissa_init/` are skipped; LLaMA-Factory v1's "
+        "`checkpoint-N/model/` only with its `CHECKPOINT_COMPLETE` marker",
+        "`trainer_state.json` `global_step` (v1: `metadata.json`), else N",
+        re.compile(r"checkpoint-(?P<step>\d+)"),
+        _trl_checkpoint,
+    ),
+    Layout(
+        "openrlhf",
+        "OpenRLHF",
+        "`global_stepN_hf/` (written with `--ckpt.save_hf`)",
+        "N",
+        re.compile(r"global_step(?P<step>\d+)_hf"),
+        _folder_checkpoint("openrlhf"),
+    ),
+    Layout(
+        "verl",
+        "verl (legacy workers, FSDP engine ≥ 0.8, Megatron-Bridge), EasyR1, the NExt paper's code",
+        "`global_step_N/`: `actor/lora_adapter/`; or `actor/model_world_size_W_rank_R.pt` DTensor shards "
+        "with `fsdp_config.json` and `lora_train_meta.json`; or `actor/model/huggingface/adapter/`; or "
+        "the merged `hf_model/` beside `actor/`",
+        "N",
+        re.compile(r"global_step_(?P<step>\d+)"),
+        _verl_checkpoint,
+        lambda folder: (folder / "actor").is_dir() or (folder / "hf_model").is_dir(),
+    ),
+    Layout(
+        "areal",
+        "AReaL",
+        "`epoch{E}epochstep{S}globalstep{G}/` holding the adapter or model",
+        "G",
+        re.compile(r"epoch\d+epochstep\d+globalstep(?P<step>\d+)"),
+        _folder_checkpoint("areal"),
+    ),
+    Layout(
+        "nemo-rl",
+        "NeMo-RL (DTensor / Automodel)",
+        "`step_N/policy/weights/model/` (`tmp_step_N/`, still being written, is skipped)",
+        "N",
+        re.compile(r"step_(?P<step>\d+)"),
+        _nemo_rl_checkpoint,
+        lambda folder: (folder / "policy" / "weights").is_dir(),
+    ),
+    Layout(
+        "prime-rl",
+        "prime-rl",
+        "`broadcasts/step_N/` with its `STABLE` marker (pass the run folder or `broadcasts/`)",
+        "N",
+        re.compile(r"step_(?P<step>\d+)"),
+        _prime_rl_checkpoint,
+        lambda folder: (folder / "STABLE").is_file() or folder.parent.name == "broadcasts",
+    ),
+    Layout(
+        "step-folder",
+        "plain PEFT, full-weight runs",
+        "`step_N/`, `step-N/`, `stepN/`, `global_stepN/` holding an adapter, or HF model folders "
+        "(`model.safetensors` or a sharded index; `--base` is the step-0 model)",
+        "N",
+        re.compile(r"(?:global_)?step[_-]?(?P<step>\d+)"),
+        _folder_checkpoint("step-folder"),
+    ),
+)
+"""Every checkpoint layout, in the order they are tried on a folder name."""
+
+LOOKED_FOR = "; ".join(f"{layout.folder} ({layout.trainers})" for layout in LAYOUTS) + (
+    "; or the run folder itself holding an adapter or model"
+)
+
+
+def _merger_trap(folder: Path) -> Path | None:
+    """The ``lora_adapter/`` inside or beside a folder of full weights (verl's model merger output)."""
+    if weights_kind(folder) != "full":
+        return None
+    for adapter in (folder / "lora_adapter", folder.parent / "lora_adapter"):
+        if adapter != folder and weights_kind(adapter) == "lora":
+            return adapter
+    return None
+
+
 def _ref(folder: Path, step: int, layout: str, skipped: list[str]) -> CheckpointRef | None:
+    adapter = _merger_trap(folder)
+    if adapter is not None:
+        warn(f"{folder} {MERGER_TRAP_HINT.format(adapter=adapter)}")
+        folder = adapter
     kind = weights_kind(folder)
     if kind is None:
         skipped.append(f"{folder} (no adapter_model.safetensors/.bin or model.safetensors[.index.json])")
@@ -217,12 +347,12 @@ def _as_single_folder(run: Path) -> CheckpointRef | None:
     kind = weights_kind(run)
     if kind is None:
         return None
-    number = 0
-    for pattern in (_TRL, _OPENRLHF, _VERL, _STEP_FOLDER):
-        if match := pattern.fullmatch(run.name):
-            number = int(match[1])
-            break
+    number = next((int(m["step"]) for layout in LAYOUTS if (m := layout.pattern.fullmatch(run.name))), 0)
     step = _json_step(run / "trainer_state.json", number)
+    adapter = _merger_trap(run)
+    if adapter is not None:
+        warn(f"{run} {MERGER_TRAP_HINT.format(adapter=adapter)}")
+        return CheckpointRef(step=step, path=adapter, kind="lora", layout="adapter")
     return CheckpointRef(step=step, path=run, kind=kind, layout="adapter" if kind == "lora" else "hf-model")
 
 
