@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_extract, bench_extrapolate, bench_fit
+from benchmarks import bench_extract, bench_extrapolate, bench_fit, bench_verl_shards
 from benchmarks.common import qwen_run
 
 WORKDIR = Path("bench-out/work")
@@ -23,6 +23,7 @@ RESULTS = Path("bench-out/results.json")
 def table(results: dict) -> str:
     """The Markdown table recorded in the README."""
     ex, fi, xp = results["extract"], results["fit"], results["extrapolate"]
+    vs = results["verl_shards"]
     rows = [
         (
             "extract, vs reading the adapters with safetensors",
@@ -44,6 +45,13 @@ def table(results: dict) -> str:
             f"{xp['extrapolate_over_copy']:.1f}×",
             f"{xp['extrapolate_seconds']:.0f} s vs {xp['copy_seconds']:.1f} s",
             "≤ 1.5×",
+        ),
+        (
+            "extract on verl FSDP shards with the base inside, peak RSS",
+            f"{vs['verl_shards_peak_rss_mib']:.0f} MiB",
+            f"3 shards of {vs['shard_mib']:.0f} MiB; the same adapters as PEFT folders: "
+            f"{vs['peft_folders_peak_rss_mib']:.0f} MiB",
+            "bounded by the LoRA tensors",
         ),
         (
             "extrapolate, peak RSS (2 GB shards)",
@@ -70,6 +78,7 @@ def main() -> None:
     }
     results["fit"] = bench_fit.main(WORKDIR)
     results["extrapolate"] = bench_extrapolate.main(WORKDIR)
+    results["verl_shards"] = bench_verl_shards.main(WORKDIR / "verl")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

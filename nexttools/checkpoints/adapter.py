@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from nexttools.checkpoints.discover import CheckpointRef
-from nexttools.checkpoints.verl_fsdp import LORA_META, is_verl_fsdp, read_lora_tensors
+from nexttools.checkpoints.verl_fsdp import LORA_META, VerlShards, is_verl_fsdp
 from nexttools.checkpoints.verl_fsdp import lora_config as verl_lora_config
 from nexttools.checkpoints.weights import ModelWeights, SafetensorsHeader, read_safetensors_header
 from nexttools.console import warn
@@ -86,12 +86,13 @@ class LoraModule:
 class _TensorFile:
     """The adapter's tensors: names, shapes and dtypes up front, values one at a time."""
 
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, path: Path, shards: VerlShards | None = None) -> None:
         self.path = path
         self._header: SafetensorsHeader | None = None
-        self._tensors: dict[str, torch.Tensor] | None = tensors
-        if tensors is not None:  # already in memory (reassembled from verl's FSDP shards)
-            self.shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._shards = shards
+        if shards is not None:  # verl's FSDP shards, assembled one tensor at a time
+            self.shapes = dict(shards.shapes)
         elif path.suffix == ".safetensors":
             self._header = read_safetensors_header(path)
             self.shapes = {key: info.shape for key, info in self._header.tensors.items()}
@@ -103,6 +104,8 @@ class _TensorFile:
         """Tensor ``key`` as stored; from safetensors in a new buffer (see :mod:`.weights` for why)."""
         if self._tensors is not None:
             return self._tensors[key]
+        if self._shards is not None:
+            return self._shards.get(key)
         assert self._header is not None  # one of the two is set in __init__
         return self._header.read(key)
 
@@ -255,15 +258,14 @@ def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:
 def _open_verl_fsdp(ref: CheckpointRef) -> AdapterCheckpoint:
     """A verl FSDP-engine ``actor/`` folder as an adapter: the LoRA tensors reassembled from the shards,
     r and alpha from ``lora_train_meta.json`` (:mod:`nexttools.checkpoints.verl_fsdp`)."""
-    tensors, files = read_lora_tensors(ref.path)
-    shards = files[0]
-    paths = sorted({normalise_key(key)[: normalise_key(key).rfind(".lora_")] for key in tensors})
+    shards = VerlShards(ref.path)
+    paths = sorted({normalise_key(key)[: normalise_key(key).rfind(".lora_")] for key in shards.shapes})
     config = verl_lora_config(ref.path, paths)
     _refuse_unsupported(ref.path / LORA_META, config)
-    tensor_file = _TensorFile(shards, tensors)
-    modules, carried = _map_keys(shards, tensor_file.shapes, config)
+    tensor_file = _TensorFile(shards.files[0], shards)
+    modules, carried = _map_keys(shards.files[0], tensor_file.shapes, config)
     checkpoint = AdapterCheckpoint(ref, config, tensor_file, modules, carried)
-    checkpoint.files = files
+    checkpoint.files = shards.files
     return checkpoint
 
 

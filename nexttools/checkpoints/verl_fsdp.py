@@ -133,20 +133,31 @@ def _rank_order(mesh: torch.Tensor, placements: tuple[Any, ...]) -> list[int]:
     return [int(rank) for rank in picked.reshape(-1).tolist()]
 
 
-def read_lora_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """The LoRA tensors of the verl ``actor/`` folder, whole, keyed as in the shards; and the files read.
+class VerlShards:
+    """The LoRA tensors of a verl ``actor/`` folder: shapes up front, each tensor assembled on demand.
 
-    Only keys of LoRA factors are touched (``mmap=True`` leaves the base weights on disk).
+    The rank files stay memory-mapped (``mmap=True``), so only the tensors asked for are ever paged
+    in, one at a time: memory is one LoRA tensor, not the shards, nor the run's adapters.
+    ``files`` are what a fingerprint covers (the rank files and the two JSON files).
     """
-    files = rank_files(folder)
-    states = [_load(path) for path in files]
-    keys = [key for key in states[0] if _LORA_KEY.search(key)]
-    if not keys:
-        raise UserError(f"{files[0]}: holds no LoRA tensors (lora_A/lora_B): is this a full-weight run?")
-    tensors: dict[str, torch.Tensor] = {}
-    for key in keys:
-        missing = [path for path, state in zip(files, states, strict=True) if key not in state]
-        if missing:
-            raise UserError(f"{missing[0]}: has no {key}, which rank 0 holds")
-        tensors[key] = _assemble(key, [state[key] for state in states], files)
-    return tensors, [*files, folder / FSDP_CONFIG, folder / LORA_META]
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder
+        rank_paths = rank_files(folder)
+        self._files = rank_paths
+        self._states = [_load(path) for path in rank_paths]
+        keys = [key for key in self._states[0] if _LORA_KEY.search(key)]
+        if not keys:
+            raise UserError(
+                f"{rank_paths[0]}: holds no LoRA tensors (lora_A/lora_B): is this a full-weight run?"
+            )
+        for key in keys:
+            missing = [path for path, state in zip(rank_paths, self._states, strict=True) if key not in state]
+            if missing:
+                raise UserError(f"{missing[0]}: has no {key}, which rank 0 holds")
+        self.shapes = {key: tuple(self._states[0][key].shape) for key in keys}  # DTensor: the global shape
+        self.files = [*rank_paths, folder / FSDP_CONFIG, folder / LORA_META]
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key``, whole (float32 as stored), in a new buffer."""
+        return _assemble(key, [state[key] for state in self._states], self._files)
