@@ -20,7 +20,8 @@ def main(workdir: Path) -> dict:
     """Fit the predictor in ``workdir`` (which holds ``trajectory.h5``); returns the figures."""
     child = run_child(["fit", "--workdir", str(workdir), "--device", "cpu", "--json"])
     document = json.loads(child["stdout"])
-    overall = {name: method["cosine"]["overall"] for name, method in document["backtest"]["methods"].items()}
+    methods = document["backtest"]["methods"].items()
+    overall = {name: method["cosine"]["overall"] for name, method in methods if method is not None}
     return {
         "store_bytes": (workdir / "trajectory.h5").stat().st_size,
         "fit_seconds": child["seconds"],
