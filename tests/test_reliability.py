@@ -482,3 +482,27 @@ def test_a_malicious_pickle_is_never_executed(run: DemoRun, tmp_path: Path, caps
     code, _, err = _extract(run, tmp_path / "work", capsys, monkeypatch)
     assert_one_line_error(code, err, "adapter_model.bin", "not a readable weights-only torch file")
     assert not marker.exists()
+
+
+def test_a_changed_older_checkpoint_is_refused_before_writing(
+    workdir: Path, run: DemoRun, capsys, monkeypatch
+):
+    """last-interval reads checkpoint c−k too: it is checked before any output exists."""
+    older = run.run / f"checkpoint-{run.steps[-3]}" / "adapter_model.safetensors"
+    tensors = load_file(older)
+    save_file({k: t * 1.01 for k, t in tensors.items()}, older, metadata={"format": "pt"})
+    out = workdir.parent / "out"
+    args = [
+        "extrapolate",
+        "--workdir",
+        str(workdir),
+        "--method",
+        "last-interval",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    code, _, err = invoke(args, capsys, monkeypatch)
+    assert_one_line_error(code, err, f"checkpoint-{run.steps[-3]}", "changed since extraction")
+    assert not out.exists() and not _strays(workdir.parent)

@@ -79,6 +79,8 @@ class FactorLinear(Method):
         if run.rows < 2:
             raise UserError("factor-linear fits a line through the checkpoints and needs at least 2")
         rows = list(range(max(0, run.rows - 1 - store.k), run.rows))
+        for row in rows:
+            run.checkpoint(row)  # checked against its fingerprint now, before anything is written
         target = target_step(store.steps, store.k, request.alpha)
         line = _FactorLine(run, rows, target)
         return Jump(target_step=target, change=line.change, new_factors=line.new_factors)

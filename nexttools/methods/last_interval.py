@@ -68,6 +68,8 @@ class LastInterval(Method):
         last, older = run.rows - 1, run.rows - 1 - store.k
         if older < -1 or (older == -1 and store.steps[0] == 0):
             raise _refuse_short(store.k, last, int(store.steps[-1]), last + int(store.steps[0] > 0))
+        if older >= 0:
+            run.checkpoint(older)  # checked against its fingerprint now, before anything is written
         coefficients = {last: alpha, older: -alpha}
         return Jump(
             target_step=target_step(store.steps, store.k, alpha),
