@@ -237,9 +237,9 @@ def test_a_damaged_store_is_one_line(workdir: Path, capsys, monkeypatch, damage)
     assert not _strays(workdir.parent)
 
 
-def test_push_of_a_damaged_manifest(workdir: Path, tmp_path: Path, capsys, monkeypatch):
-    out = tmp_path / "out"
-    args = [
+def _extrapolate_args(workdir: Path, out: Path) -> list[str]:
+    """``extrapolate`` with a method that needs no predictor, into ``out``."""
+    return [
         "extrapolate",
         "--workdir",
         str(workdir),
@@ -250,6 +250,11 @@ def test_push_of_a_damaged_manifest(workdir: Path, tmp_path: Path, capsys, monke
         "--device",
         "cpu",
     ]
+
+
+def test_push_of_a_damaged_manifest(workdir: Path, tmp_path: Path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = _extrapolate_args(workdir, out)
     assert invoke(args, capsys, monkeypatch)[0] == 0
     manifest = json.loads((out / "nexttools.json").read_text())
     for text in ("", json.dumps({k: v for k, v in manifest.items() if k != "checkpoints"})):
@@ -262,17 +267,7 @@ def test_push_refuses_stray_files_and_never_changes_the_folder(
     workdir: Path, tmp_path: Path, capsys, monkeypatch
 ):
     out = tmp_path / "out"
-    args = [
-        "extrapolate",
-        "--workdir",
-        str(workdir),
-        "--method",
-        "last-interval",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    args = _extrapolate_args(workdir, out)
     assert invoke(args, capsys, monkeypatch)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (out / "notes.txt").write_text("private")
@@ -284,17 +279,7 @@ def test_push_refuses_stray_files_and_never_changes_the_folder(
 
 def test_two_writers_of_one_output(workdir: Path, tmp_path: Path, capsys, monkeypatch):
     out = tmp_path / "out"
-    args = [
-        "extrapolate",
-        "--workdir",
-        str(workdir),
-        "--method",
-        "last-interval",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    args = _extrapolate_args(workdir, out)
     with exclusive_lock(tmp_path / ".out.lock", out):  # another extrapolate is writing this folder
         code, _, err = invoke(args, capsys, monkeypatch)
     assert_one_line_error(code, err, "being written by another nexttools process")
@@ -492,17 +477,7 @@ def test_a_changed_older_checkpoint_is_refused_before_writing(
     tensors = load_file(older)
     save_file({k: t * 1.01 for k, t in tensors.items()}, older, metadata={"format": "pt"})
     out = workdir.parent / "out"
-    args = [
-        "extrapolate",
-        "--workdir",
-        str(workdir),
-        "--method",
-        "last-interval",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    args = _extrapolate_args(workdir, out)
     code, _, err = invoke(args, capsys, monkeypatch)
     assert_one_line_error(code, err, f"checkpoint-{run.steps[-3]}", "changed since extraction")
     assert not out.exists() and not _strays(workdir.parent)
