@@ -44,6 +44,8 @@ class OpenedRun:
                 f"the base model {self.base_path} changed since extraction: run `nexttools extract` again"
             )
         self._opened: dict[int, Checkpoint] = {}
+        self._weights: dict[int, torch.Tensor] = {}  # of module ``_weights_of`` (see :meth:`weight`)
+        self._weights_of: str | None = None
         self._shapes = {
             name: (int(o), int(i)) for name, (o, i) in zip(store.modules, store.shapes, strict=True)
         }
@@ -112,10 +114,23 @@ class OpenedRun:
             return LowRankFactors(left, right)
         total = torch.zeros(self._shapes[name], dtype=torch.float32)
         for row, c in rows.items():
-            checkpoint = self.checkpoint(row)
-            assert isinstance(checkpoint, ModelWeights)
-            total.add_(checkpoint.get(name).to(torch.float32), alpha=c)
+            total.add_(self.weight(row, name).to(torch.float32), alpha=c)
         base_coefficient = -sum(rows.values())
         if base_coefficient:
-            total.add_(self.base.get(name).to(torch.float32), alpha=base_coefficient)
+            total.add_(self.weight(-1, name).to(torch.float32), alpha=base_coefficient)
         return total
+
+    def weight(self, row: int, name: str) -> torch.Tensor:
+        """W_row of module ``name`` of a full-weight run, as stored (row −1: the base). Do not modify it.
+
+        The tensors of the module being written are kept until the next module is asked for: the
+        output reads W_c and the method reads it again for its change, and a dense tensor of a large
+        model is worth one read, not two.
+        """
+        if name != self._weights_of:
+            self._weights, self._weights_of = {}, name
+        if row not in self._weights:
+            source = self.base if row < 0 else self.checkpoint(row)
+            assert isinstance(source, ModelWeights), "a full-weight run's checkpoints are model folders"
+            self._weights[row] = source.get(name)
+        return self._weights[row]

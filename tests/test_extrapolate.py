@@ -373,7 +373,17 @@ def test_full_weight_run_extrapolates_from_the_last_checkpoint(
     workdir = tmp_path / "work"
     extract(ExtractOptions(run=tmp_path / "full", base=str(lora.base), workdir=workdir, k=2, device="cpu"))
     out = tmp_path / "out"
+    reads: list[tuple[str, str]] = []
+    real_get = ModelWeights.get
+
+    def counted_get(self: ModelWeights, name: str) -> torch.Tensor:
+        reads.append((self.folder.name, name))
+        return real_get(self, name)
+
+    monkeypatch.setattr(ModelWeights, "get", counted_get)
     extrapolate(_options(workdir, out, method="last-interval", alpha=0.5))
+    monkeypatch.undo()
+    assert len(reads) == len(set(reads))  # every tensor of every checkpoint is read once, not twice
     last, first = _tensors(tmp_path / "full" / "checkpoint-80"), _tensors(tmp_path / "full" / "checkpoint-60")
     written = _tensors(out)
     with open_store(workdir / "trajectory.h5") as store:

@@ -109,8 +109,9 @@ class TrainerCheckpoint(OutputFormat):
         plan = plan_model(last, modules, changed=modules, untie=False, out_dtype=None)
         device = request.device
 
-        def compute(name: str) -> torch.Tensor:
-            return apply_change(last.get(name).to(device, torch.float32), jump.change(name))
+        def compute(name: str) -> torch.Tensor:  # a copy: the run keeps W_c for the method's change
+            weight = run.weight(run.rows - 1, name).to(device, torch.float32, copy=True)
+            return apply_change(weight, jump.change(name))
 
         # Any other copy of the weights would be loaded instead of (or over) the jumped ones.
         stale = {p.name for p in folder.glob("pytorch_model*.bin*")} | {"pytorch_model.bin.index.json"}

@@ -57,8 +57,8 @@ class Merged(OutputFormat):
                     else plan.template.get(plan.source_name[name])
                 )
                 weight = apply_change(stored.to(device, torch.float32), last.factors(name))
-            else:
-                weight = last.get(name).to(device, torch.float32)
+            else:  # a copy: the run keeps W_c for the method's change, which must not see it change
+                weight = run.weight(run.rows - 1, name).to(device, torch.float32, copy=True)
             return apply_change(weight, jump.change(name))
 
         def carried_tensor(name: str) -> torch.Tensor | None:
