@@ -13,7 +13,6 @@ additive formula relative to the original base (DoRA, LoRA biases, PiSSA-style i
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from nexttools.checkpoints.discover import CheckpointRef
+from nexttools.checkpoints.jsonfile import read_json_object
 from nexttools.checkpoints.verl_fsdp import LORA_META, VerlShards, is_verl_fsdp
 from nexttools.checkpoints.verl_fsdp import lora_config as verl_lora_config
 from nexttools.checkpoints.weights import ModelWeights, SafetensorsHeader, read_safetensors_header
@@ -270,15 +270,7 @@ def _open_verl_fsdp(ref: CheckpointRef) -> AdapterCheckpoint:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path.parent}: no {CONFIG_FILE} beside the adapter weights")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not valid JSON") from error
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return config
+    return read_json_object(path, missing=f"{path.parent}: no {CONFIG_FILE} beside the adapter weights")
 
 
 def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:

@@ -20,7 +20,6 @@ Reading, safely and cheaply:
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from nexttools.checkpoints.jsonfile import read_json_object
 from nexttools.errors import UserError
 
 FSDP_CONFIG = "fsdp_config.json"
@@ -41,15 +41,9 @@ def is_verl_fsdp(folder: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path} is missing: verl writes it beside the FSDP shards of a LoRA run")
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(document, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return document
+    return read_json_object(
+        path, missing=f"{path} is missing: verl writes it beside the FSDP shards of a LoRA run"
+    )
 
 
 def rank_files(folder: Path) -> list[Path]:
