@@ -32,7 +32,7 @@ from nexttools.manifest import write_manifest
 from nexttools.methods import JumpRequest, Method, get_method
 from nexttools.outputs import OutputFormat, OutputPlan, OutputRequest, get_output
 from nexttools.run import OpenedRun
-from nexttools.saved_predictor import recorded_backtest
+from nexttools.saved_predictor import load_predictor, recorded_backtest
 from nexttools.store import STORE_FILE, open_store
 from nexttools.writer import check_destination, staged_folder
 
@@ -271,7 +271,8 @@ def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
         check_destination(out, overwrite=options.overwrite)
         run = OpenedRun(store)
         output.check(run, method, out_dtype)
-        jump = method.jump(JumpRequest(run=run, alpha=options.alpha, workdir=Path(options.workdir)))
+        predictor = load_predictor(Path(options.workdir), store) if method.needs_predictor else None
+        jump = method.jump(JumpRequest(run=run, alpha=options.alpha, predictor=predictor))
         base_id, id_warnings = _base_id(options, run)
         warnings += id_warnings
         plan = output.plan(

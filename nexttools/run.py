@@ -8,9 +8,12 @@ combination of the run's deltas, Σ cᵢ ΔWᵢ, and gets factors (LoRA) or a de
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nexttools.checkpoints.adapter import AdapterCheckpoint, open_adapter
@@ -32,10 +35,13 @@ class OpenedRun:
     """The store's run with its base and checkpoints opened lazily, each verified on first use.
 
     ``kind`` is ``"lora"`` or ``"full"``; ``last`` is the last checkpoint (row C−1); row −1 is the base.
+    :meth:`up_to` gives the same run as it stood at an earlier checkpoint (the back-tests jump from
+    there), sharing the verified checkpoints and the weight cache.
     """
 
     def __init__(self, store: TrajectoryStore) -> None:
         self.store = store
+        self.k = store.k
         self.kind: RunKind = store.run_kind
         self.base_path = resolve_base(store.base_model)
         self.base = ModelWeights(self.base_path)
@@ -44,17 +50,27 @@ class OpenedRun:
                 f"the base model {self.base_path} changed since extraction: run `nexttools extract` again"
             )
         self._opened: dict[int, Checkpoint] = {}
-        self._weights: dict[int, torch.Tensor] = {}  # of module ``_weights_of`` (see :meth:`weight`)
-        self._weights_of: str | None = None
+        self._weights = _WeightCache()
         self._shapes = {
             name: (int(o), int(i)) for name, (o, i) in zip(store.modules, store.shapes, strict=True)
         }
+        self.rows = len(store.steps)
+        """C, the number of checkpoints this view of the run has (rows 0 … C−1)."""
+        self.steps: np.ndarray = np.asarray(store.steps, dtype=np.int64)
+        """The checkpoints' steps, int64 ``(C,)``."""
         self.last = self.checkpoint(self.rows - 1)
 
-    @property
-    def rows(self) -> int:
-        """C, the number of checkpoints."""
-        return len(self.store.steps)
+    def up_to(self, row: int) -> OpenedRun:
+        """The run as it stood at checkpoint ``row`` (0 … C−1): rows after it do not exist in the view.
+
+        Methods and outputs given the view jump from checkpoint ``row`` using nothing after it.
+        """
+        if not 0 <= row < len(self.store.steps):
+            raise UserError(f"row {row} is outside the run's {len(self.store.steps)} checkpoints")
+        view = copy.copy(self)  # shares the opened checkpoints and the weight cache: rows are absolute
+        view.rows, view.steps = row + 1, self.steps[: row + 1]
+        view.last = self.checkpoint(row)
+        return view
 
     @property
     def modules(self) -> list[str]:
@@ -68,6 +84,8 @@ class OpenedRun:
 
     def checkpoint(self, row: int) -> Checkpoint:
         """Checkpoint ``row`` (0 … C−1), refused if missing or changed since extraction."""
+        if not -1 < row < self.rows:
+            raise UserError(f"row {row} is outside the run's {self.rows} checkpoints")
         if row not in self._opened:
             self._opened[row] = self._open(row)
         return self._opened[row]
@@ -127,10 +145,19 @@ class OpenedRun:
         output reads W_c and the method reads it again for its change, and a dense tensor of a large
         model is worth one read, not two.
         """
-        if name != self._weights_of:
-            self._weights, self._weights_of = {}, name
-        if row not in self._weights:
+        cache = self._weights
+        if name != cache.module:
+            cache.tensors, cache.module = {}, name
+        if row not in cache.tensors:
             source = self.base if row < 0 else self.checkpoint(row)
             assert isinstance(source, ModelWeights), "a full-weight run's checkpoints are model folders"
-            self._weights[row] = source.get(name)
-        return self._weights[row]
+            cache.tensors[row] = source.get(name)
+        return cache.tensors[row]
+
+
+@dataclass
+class _WeightCache:
+    """The tensors of one module of a full-weight run, by row (see :meth:`OpenedRun.weight`)."""
+
+    module: str | None = None
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -20,7 +20,6 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,11 +35,12 @@ from nexttools.trajectory import Trajectory
 
 @dataclass(frozen=True)
 class JumpRequest:
-    """What a method is given to make its jump: the opened run, α, and the workdir (predictor)."""
+    """What a method is given to make its jump: the run (jump from its last checkpoint), α, and the
+    trained predictor for the methods that need one (:attr:`Method.needs_predictor`)."""
 
     run: OpenedRun
     alpha: float
-    workdir: Path
+    predictor: TrainedPredictor | None = None
 
 
 @dataclass(frozen=True)

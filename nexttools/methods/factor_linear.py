@@ -41,7 +41,7 @@ class _FactorLine:
 
     def __init__(self, run: OpenedRun, rows: list[int], target: float) -> None:
         self.run, self.rows, self.target = run, rows, target
-        self.steps = torch.tensor([float(run.store.steps[r]) for r in rows], dtype=torch.float64)
+        self.steps = torch.tensor([float(run.steps[r]) for r in rows], dtype=torch.float64)
 
     def new_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self.run.adapter(row).stored_factors(name) for row in self.rows]
@@ -75,12 +75,11 @@ class FactorLinear(Method):
 
     def jump(self, request: JumpRequest) -> Jump:
         run = request.run
-        store = run.store
         if run.rows < 2:
             raise UserError("factor-linear fits a line through the checkpoints and needs at least 2")
-        rows = list(range(max(0, run.rows - 1 - store.k), run.rows))
+        rows = list(range(max(0, run.rows - 1 - run.k), run.rows))
         for row in rows:
             run.checkpoint(row)  # checked against its fingerprint now, before anything is written
-        target = target_step(store.steps, store.k, request.alpha)
+        target = target_step(run.steps, run.k, request.alpha)
         line = _FactorLine(run, rows, target)
         return Jump(target_step=target, change=line.change, new_factors=line.new_factors)

@@ -64,15 +64,14 @@ class LastInterval(Method):
 
     def jump(self, request: JumpRequest) -> Jump:
         run, alpha = request.run, request.alpha
-        store = run.store
-        last, older = run.rows - 1, run.rows - 1 - store.k
-        if older < -1 or (older == -1 and store.steps[0] == 0):
-            raise _refuse_short(store.k, last, int(store.steps[-1]), last + int(store.steps[0] > 0))
+        last, older = run.rows - 1, run.rows - 1 - run.k
+        if older < -1 or (older == -1 and run.steps[0] == 0):
+            raise _refuse_short(run.k, last, int(run.steps[-1]), last + int(run.steps[0] > 0))
         if older >= 0:
             run.checkpoint(older)  # checked against its fingerprint now, before anything is written
         coefficients = {last: alpha, older: -alpha}
         return Jump(
-            target_step=target_step(store.steps, store.k, alpha),
+            target_step=target_step(run.steps, run.k, alpha),
             change=lambda name: run.combination(name, coefficients),
         )
 

@@ -55,10 +55,10 @@ class LinearRank1(Method):
     )
 
     def jump(self, request: JumpRequest) -> Jump:
-        store = request.run.store
+        run = request.run
         return Jump(
-            target_step=target_step(store.steps, store.k, request.alpha),
-            change=rank1_change(request.run, linear_rank1(store, row=-1), request.alpha),
+            target_step=target_step(run.steps, run.k, request.alpha),
+            change=rank1_change(run, linear_rank1(run.store, row=run.rows - 1), request.alpha),
         )
 
     def backtest(

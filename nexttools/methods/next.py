@@ -6,7 +6,6 @@ import numpy as np
 
 from nexttools.methods.base import Jump, JumpRequest, Method, rank1_change, target_step
 from nexttools.predictor import TrainedPredictor
-from nexttools.saved_predictor import load_predictor
 from nexttools.store import DeltaArrays
 from nexttools.trajectory import Trajectory
 
@@ -20,11 +19,11 @@ class NExt(Method):
     needs_predictor = True
 
     def jump(self, request: JumpRequest) -> Jump:
-        store = request.run.store
-        predictor = load_predictor(request.workdir, store)
-        arrays = predictor.predict(store, row=-1)
+        run, predictor = request.run, request.predictor
+        assert predictor is not None, "next needs the predictor (needs_predictor)"
+        arrays = predictor.predict(run.store, row=run.rows - 1)
         return Jump(
-            target_step=target_step(store.steps, store.k, request.alpha),
+            target_step=target_step(run.steps, run.k, request.alpha),
             change=rank1_change(request.run, arrays, request.alpha),
             predictor=predictor.info,
         )

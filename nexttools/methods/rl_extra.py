@@ -34,10 +34,9 @@ class RLExtra(Method):
 
     def jump(self, request: JumpRequest) -> Jump:
         run = request.run
-        store = run.store
-        last = {run.rows - 1: step_ratio(store.steps, store.k, request.alpha)}
+        last = {run.rows - 1: step_ratio(run.steps, run.k, request.alpha)}
         return Jump(
-            target_step=target_step(store.steps, store.k, request.alpha),
+            target_step=target_step(run.steps, run.k, request.alpha),
             change=lambda name: run.combination(name, last),
         )
 
