@@ -215,8 +215,12 @@ def _facts_table(manifest: dict) -> str:
 
 
 def _backtest_section(manifest: dict) -> str:
-    backtest = manifest.get("backtest")
     header = "## Back-test\n"
+    parts = [header]
+    verdict = manifest.get("verdict")
+    if isinstance(verdict, dict):
+        parts.append(_verdict_text(verdict, manifest))
+    backtest = manifest.get("backtest")
     if not backtest or not backtest.get("methods"):
         method = METHODS.get(manifest["method"])
         reason = (
@@ -224,47 +228,97 @@ def _backtest_section(manifest: dict) -> str:
             if method is not None and not method.needs_predictor
             else "`nexttools fit` recorded none for this output"
         )
-        return f"{header}\nNo back-test figures were recorded ({reason}).\n"
+        return "".join(parts) + f"\nNo `fit` back-test figures were recorded ({reason}).\n"
+    winner = backtest.get("winner")
+    skill = backtest.get("skill")
+    holdout = backtest.get("holdout_rows", "?")
+    if isinstance(skill, dict):
+        alpha = next((f["alpha"] for f in skill.values() if f), None)
+        parts.append(
+            f"\n`nexttools fit` jumped from each of the last {holdout} checkpoints whose future is known, "
+            "with every method as it is applied, and compared the jump with the run's actual change "
+            f"over the next k checkpoints: **skill S** at α={alpha} is 1 − ‖αT̂ − T‖²/‖T‖² (1 is "
+            "perfect, 0 no better than not jumping, negative harmful); **α\\*** is the α that "
+            "maximises it.\n\n"
+        )
+        rows = ["| Method | skill S | α* |", "|---|---:|---:|"]
+        for name, figures in skill.items():
+            label = BACKTEST_LABELS.get(name, name)
+            label = f"**{label}** (best)" if name == winner else label
+            s_value = _figure((figures or {}).get("skill", {}).get("overall"))
+            a_value = _figure((figures or {}).get("alpha_star", {}).get("overall"))
+            rows.append(f"| {label} | {s_value} | {a_value} |")
+        parts.append("\n".join(rows) + "\n")
     # A method `fit` could not evaluate (e.g. last-interval with too few rows) is recorded as None.
     methods: dict[str, dict[str, Any]] = {
         name: figures or {} for name, figures in backtest["methods"].items()
     }
-    winner = backtest.get("winner")
-    intro = (
-        f"\n`nexttools fit` held out the last {backtest.get('holdout_rows', '?')} trajectory rows of the "
-        "run, predicted them from the earlier ones and compared: **cosine** is the cosine similarity "
-        "between the predicted and the actual k-checkpoint update (1 is perfect, higher is better); "
-        "**σ rel. error** is the relative error of its predicted magnitude (lower is better).\n\n"
+    parts.append(
+        f"\nRank-1 figures from the trajectory store alone (last {holdout} rows): **cosine** between "
+        "the predicted and the actual rank-1 k-checkpoint update, **σ rel. error** of its magnitude. "
+        "They did not predict a jump's worth in function space; S above, and `nexttools backtest`, "
+        "are the figures to decide on.\n\n"
     )
     summary = ["| Method | cosine | σ rel. error |", "|---|---:|---:|"]
     for name, figures in methods.items():
         label = BACKTEST_LABELS.get(name, name)
-        label = f"**{label}** (best)" if name == winner else label
+        label = f"**{label}** (best)" if name == winner and not isinstance(skill, dict) else label
         cosine = _figure(figures.get("cosine", {}).get("overall"))
         sigma = _figure(figures.get("sigma_rel_err", {}).get("overall"))
         summary.append(f"| {label} | {cosine} | {sigma} |")
-    parts = [header, intro, "\n".join(summary) + "\n"]
-
-    module_types = [
-        key for figures in methods.values() for key in figures.get("cosine", {}) if key != "overall"
-    ]
-    module_types = list(dict.fromkeys(module_types))
-    if module_types:
-        columns = list(methods)
-        table = [
-            "| Module | " + " | ".join(BACKTEST_LABELS.get(name, name) for name in columns) + " |",
-            "|---|" + "---:|" * len(columns),
-        ]
-        for module in module_types:
-            cells = [_figure(methods[name].get("cosine", {}).get(module)) for name in columns]
-            table.append(f"| `{module}` | " + " | ".join(cells) + " |")
-        parts.append("\nCosine by module type:\n\n" + "\n".join(table) + "\n")
+    parts.append("\n".join(summary) + "\n")
+    if isinstance(skill, dict):
+        parts.append(_by_module_kind("Skill S", {n: (f or {}).get("skill", {}) for n, f in skill.items()}))
+    else:
+        parts.append(_by_module_kind("Cosine", {n: f.get("cosine", {}) for n, f in methods.items()}))
     if winner and winner != manifest["method"]:
         parts.append(
             f"\nNote: the back-test favoured `{winner}`, but this model was written with "
             f"`{manifest['method']}`.\n"
         )
     return "".join(parts)
+
+
+def _by_module_kind(figure: str, by_method: dict[str, dict[str, Any]]) -> str:
+    """One row per module kind, methods as columns; a figure a method lacks is a dash."""
+    kinds = list(dict.fromkeys(k for figures in by_method.values() for k in figures if k != "overall"))
+    if not kinds:
+        return ""
+    columns = list(by_method)
+    table = [
+        "| Module | " + " | ".join(BACKTEST_LABELS.get(name, name) for name in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for kind in kinds:
+        cells = [_figure(by_method[name].get(kind)) for name in columns]
+        table.append(f"| `{kind}` | " + " | ".join(cells) + " |")
+    return f"\n{figure} by module type:\n\n" + "\n".join(table) + "\n"
+
+
+def _verdict_text(verdict: dict, manifest: dict) -> str:
+    """The ``nexttools backtest`` verdict: the recommendation and this output's own worth."""
+    recommendation = verdict.get("recommendation")
+    if recommendation:
+        lead = (
+            f"`nexttools backtest` (scored with the run's own eval from step {verdict.get('origin_step')}) "
+            f"recommends `{recommendation['method']}` at α={recommendation['alpha']:g}."
+        )
+    else:
+        lead = f"`nexttools backtest` judged: **do not extrapolate this run**. {verdict.get('reason', '')}"
+    own = next(
+        (
+            r
+            for r in verdict.get("results", [])
+            if r.get("method") == manifest.get("method") and r.get("alpha") == manifest.get("alpha")
+        ),
+        None,
+    )
+    mine = (
+        f" This output's method and α were worth {own['worth']:.2f} of the steps they claimed."
+        if own and isinstance(own.get("worth"), (int, float))
+        else ""
+    )
+    return f"\n{lead}{mine}\n"
 
 
 def _figure(value: object) -> str:

@@ -34,7 +34,7 @@ import torch
 from rich.progress import TextColumn
 
 from nexttools import __version__
-from nexttools.console import progress
+from nexttools.console import progress, warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.methods import METHODS
@@ -49,6 +49,7 @@ from nexttools.predictor import (
     train_nets,
     training_batches,
 )
+from nexttools.run import OpenedRun
 from nexttools.saved_predictor import (
     CONFIG_FILE,
     PREDICTOR_FORMAT,
@@ -57,8 +58,9 @@ from nexttools.saved_predictor import (
     read_config,
     save_predictor,
 )
-from nexttools.store import STORE_FILE, DeltaArrays, open_store
-from nexttools.trajectory import Trajectory
+from nexttools.skill import SkillScore, full_space_backtest
+from nexttools.store import STORE_FILE, DeltaArrays, TrajectoryStore, open_store
+from nexttools.trajectory import Trajectory, module_kind
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class FitOptions:
     holdout: int | None = None
     refit: bool = True
     force: bool = False
+    alpha: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,19 @@ class MethodScore:
 
 @dataclass(frozen=True)
 class Backtest:
-    """Held-out rows, figures per method (None: the method cannot predict those rows) and the winner."""
+    """Held-out rows, figures per method (None: the method cannot predict those rows) and the winner.
+
+    ``skill`` is the full-space back-test (:mod:`nexttools.skill`), the headline when the run's
+    files could be read (``skill_skipped`` says why not otherwise); ``methods`` holds the rank-1
+    figures the store alone gives.
+    """
 
     holdout_rows: int
     train_rows: int
     methods: dict[str, MethodScore | None]
+    skill: dict[str, SkillScore | None] | None
+    skill_notes: dict[str, str]
+    skill_skipped: str | None
     winner: str
     summary: str
 
@@ -102,6 +113,11 @@ class Backtest:
         return {
             "holdout_rows": self.holdout_rows,
             "train_rows": self.train_rows,
+            "skill": None
+            if self.skill is None
+            else {name: None if s is None else asdict(s) for name, s in self.skill.items()},
+            "skill_notes": self.skill_notes,
+            "skill_skipped": self.skill_skipped,
             "methods": {name: None if s is None else asdict(s) for name, s in self.methods.items()},
             "winner": self.winner,
             "summary": self.summary,
@@ -201,12 +217,6 @@ def train_predictor(
     return TrainedPredictor(nets=nets, sigma_scale=scale, architecture=architecture), losses
 
 
-def module_kind(name: str) -> str:
-    """``model.layers.0.self_attn.q_proj.weight`` → ``q_proj``: the module's last name part."""
-    parts = name.split(".")
-    return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
-
-
 def score(trajectory: Trajectory, predictions: dict[int, DeltaArrays]) -> MethodScore:
     """Back-test figures of one method from its 1-D predictions of the held-out target rows."""
     kinds = np.array([module_kind(name) for name in trajectory.modules])
@@ -245,13 +255,17 @@ def backtest(
     trajectory: Trajectory,
     holdout: int,
     *,
+    store: TrajectoryStore | None,
+    alpha: float,
     architecture: Architecture,
     epochs: int,
     lr: float,
     seed: int,
     device: torch.device,
 ) -> tuple[Backtest, TrainedPredictor, dict[str, float]]:
-    """Train on all target rows but the last ``holdout``, then score every method on those.
+    """Train on all target rows but the last ``holdout``, then score every method on those: in full
+    space from the files of ``store``'s run (skipped, with the reason, when ``store`` is None or a
+    file is missing or changed) and by the store's rank-1 figures.
 
     Returns the figures, and the predictor trained for them with its final losses."""
     last = trajectory.target_rows
@@ -270,8 +284,44 @@ def backtest(
     for name, method in METHODS.items():
         predictions = method.backtest(trajectory, held, predictor)
         methods[name] = None if predictions is None else score(trajectory, predictions)
-    winner, summary = _verdict(methods)
-    return Backtest(holdout, len(train_rows), methods, winner, summary), predictor, losses
+    skill: dict[str, SkillScore | None] | None = None
+    notes: dict[str, str] = {}
+    skipped = None if store is not None else "no store to open the run from"
+    if store is not None:
+        try:
+            run = OpenedRun(store, trajectory)
+            skill, notes = full_space_backtest(run, [int(r) for r in held], predictor, alpha)
+        except UserError as error:
+            skipped = str(error)
+    if skipped is not None:
+        warn(f"the full-space back-test was skipped ({skipped}); showing the store's rank-1 figures")
+    winner, summary = _verdict(methods) if skill is None else _skill_verdict(skill, notes, alpha)
+    result = Backtest(holdout, len(train_rows), methods, skill, notes, skipped, winner, summary)
+    return result, predictor, losses
+
+
+def _skill_verdict(
+    skill: dict[str, SkillScore | None], notes: dict[str, str], alpha: float
+) -> tuple[str, str]:
+    """The method with the highest overall skill S at ``alpha``, and one sentence saying so."""
+    scored = {name: s for name, s in skill.items() if s is not None and not math.isnan(s.skill["overall"])}
+    if not scored:
+        return "none", "No held-out change moved: nothing to compare."
+    winner = max(scored, key=lambda name: scored[name].skill["overall"])
+    best = scored[winner]
+    others = ", ".join(f"{name} {s.skill['overall']:.3f}" for name, s in scored.items() if name != winner)
+    missing = "".join(f"; {name} is not scored ({note})" for name, note in notes.items())
+    if best.skill["overall"] <= 0:
+        lead = (
+            f"No method predicts the held-out changes better than not jumping: the best skill at "
+            f"α={alpha:g} is {winner}'s {best.skill['overall']:.3f}"
+        )
+    else:
+        lead = (
+            f"{winner} predicts the held-out changes best: skill S {best.skill['overall']:.3f} at "
+            f"α={alpha:g} (α* {best.alpha_star['overall']:.2f})"
+        )
+    return winner, f"{lead}, against {others or 'nothing'}{missing}."
 
 
 def _verdict(methods: dict[str, MethodScore | None]) -> tuple[str, str]:
@@ -298,9 +348,16 @@ def fit(options: FitOptions) -> FitResult:
     store_path = Path(options.store) if options.store is not None else workdir / STORE_FILE
     if options.epochs < 1 or options.width < 1 or options.depth < 1 or not options.lr > 0:
         raise UserError("--epochs, --width and --depth must be ≥ 1 and --lr > 0")
+    if not math.isfinite(options.alpha):
+        raise UserError("--alpha must be a finite number")
     device = resolve_device(options.device)
     with open_store(store_path) as store:
-        trajectory = Trajectory.from_store(store)
+        return _fit(options, store, store_path, device)
+
+
+def _fit(options: FitOptions, store: TrajectoryStore, store_path: Path, device: torch.device) -> FitResult:
+    workdir = Path(options.workdir)
+    trajectory = Trajectory.from_store(store)
     holdout = (
         options.holdout if options.holdout is not None else default_holdout(max(trajectory.target_rows, 2))
     )
@@ -318,7 +375,13 @@ def fit(options: FitOptions) -> FitResult:
     architecture = Architecture(width=options.width, depth=options.depth)
     training = {"epochs": options.epochs, "lr": options.lr, "seed": options.seed}
     settings = {"architecture": architecture, "device": device, **training}
-    result, predictor, losses = backtest(trajectory, holdout, **settings)  # type: ignore[arg-type]
+    result, predictor, losses = backtest(
+        trajectory,
+        holdout,
+        store=store,
+        alpha=options.alpha,
+        **settings,  # type: ignore[arg-type]
+    )
     rows = np.arange(trajectory.target_rows if options.refit else trajectory.target_rows - holdout)
     if options.refit:
         predictor, losses = train_predictor(trajectory, rows, label="refit", **settings)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from nexttools.checkpoints.weights import ModelWeights
 from nexttools.errors import UserError
 from nexttools.lowrank import LowRankFactors
 from nexttools.store import RunKind, TrajectoryStore
+from nexttools.trajectory import Trajectory
 
 Checkpoint = AdapterCheckpoint | ModelWeights
 Change = LowRankFactors | torch.Tensor
@@ -39,7 +40,9 @@ class OpenedRun:
     there), sharing the verified checkpoints and the weight cache.
     """
 
-    def __init__(self, store: TrajectoryStore) -> None:
+    def __init__(self, store: TrajectoryStore, trajectory: Trajectory | None = None) -> None:
+        """Open ``store``'s run; ``trajectory``, when the caller has already read the store, saves
+        :meth:`trajectory` a second read."""
         self.store = store
         self.k = store.k
         self.kind: RunKind = store.run_kind
@@ -50,7 +53,7 @@ class OpenedRun:
                 f"the base model {self.base_path} changed since extraction: run `nexttools extract` again"
             )
         self._opened: dict[int, Checkpoint] = {}
-        self._weights = _WeightCache()
+        self._cache = _Cache(trajectory=trajectory)
         self._shapes = {
             name: (int(o), int(i)) for name, (o, i) in zip(store.modules, store.shapes, strict=True)
         }
@@ -67,7 +70,7 @@ class OpenedRun:
         """
         if not 0 <= row < len(self.store.steps):
             raise UserError(f"row {row} is outside the run's {len(self.store.steps)} checkpoints")
-        view = copy.copy(self)  # shares the opened checkpoints and the weight cache: rows are absolute
+        view = copy.copy(self)  # shares the opened checkpoints and the cache: rows are absolute
         view.rows, view.steps = row + 1, self.steps[: row + 1]
         view.last = self.checkpoint(row)
         return view
@@ -109,6 +112,12 @@ class OpenedRun:
             checkpoint.check_base(self.base)  # settles each module's orientation (Conv1D) as extract did
         return checkpoint
 
+    def trajectory(self) -> Trajectory:
+        """The whole store in memory, read once per run (views included): what the predictor reads."""
+        if self._cache.trajectory is None:
+            self._cache.trajectory = Trajectory.from_store(self.store)
+        return self._cache.trajectory
+
     def adapter(self, row: int) -> AdapterCheckpoint:
         """Checkpoint ``row`` of a LoRA run."""
         checkpoint = self.checkpoint(row)
@@ -145,7 +154,7 @@ class OpenedRun:
         output reads W_c and the method reads it again for its change, and a dense tensor of a large
         model is worth one read, not two.
         """
-        cache = self._weights
+        cache = self._cache
         if name != cache.module:
             cache.tensors, cache.module = {}, name
         if row not in cache.tensors:
@@ -156,8 +165,10 @@ class OpenedRun:
 
 
 @dataclass
-class _WeightCache:
-    """The tensors of one module of a full-weight run, by row (see :meth:`OpenedRun.weight`)."""
+class _Cache:
+    """What the views of one run share: the store in memory, and the tensors of one module of a
+    full-weight run by row (see :meth:`OpenedRun.weight`)."""
 
+    trajectory: Trajectory | None = None
     module: str | None = None
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)

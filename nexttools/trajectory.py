@@ -85,3 +85,9 @@ def segment_norms(values: np.ndarray, offset: np.ndarray) -> np.ndarray:
 def per_column(per_module: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Repeat a per-module value over its segment: ``(..., M) -> (..., Σdim)``."""
     return np.repeat(per_module, np.diff(offset), axis=-1)
+
+
+def module_kind(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` → ``q_proj``: the module's last name part."""
+    parts = name.split(".")
+    return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]

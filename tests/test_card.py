@@ -152,7 +152,7 @@ def test_backtest_tables(short_run: DemoRun, tmp_path: Path) -> None:
     card = render_model_card(tmp_path, make_manifest(short_run))
     section = card.split("## Back-test", 1)[1].split("\n## ", 1)[0]
 
-    assert "held out the last 3 trajectory rows" in section
+    assert "Rank-1 figures from the trajectory store alone (last 3 rows)" in section
     assert "| **NExt predictor** (best) | 0.931 | 0.049 |" in section
     assert "| linear rank-1 (AlphaRL stand-in) | 0.812 | 0.200 |" in section
     assert "| repeat last interval | 0.700 | 0.310 |" in section
@@ -161,6 +161,26 @@ def test_backtest_tables(short_run: DemoRun, tmp_path: Path) -> None:
     assert "| `q_proj` | 0.910 | 0.700 | – |" in section
     assert "| `down_proj` | 0.950 | 0.880 | – |" in section
     assert "favoured" not in section
+
+
+def test_skill_leads_the_backtest_section(short_run: DemoRun, tmp_path: Path) -> None:
+    skill = {
+        "next": {"alpha": 1.5, "skill": {"q_proj": 0.5, "overall": 0.61}, "alpha_star": {"overall": 1.04}},
+        "last-interval": None,
+        "linear-rank1": {
+            "alpha": 1.5,
+            "skill": {"q_proj": -0.2, "overall": -0.1},
+            "alpha_star": {"overall": 0.3},
+        },
+    }
+    card = render_model_card(tmp_path, make_manifest(short_run, backtest={**BACKTEST, "skill": skill}))
+    section = card.split("## Back-test", 1)[1].split("\n## ", 1)[0]
+    assert "**skill S** at α=1.5" in section
+    assert "| **NExt predictor** (best) | 0.610 | 1.040 |" in section
+    assert "| repeat last interval | – | – |" in section  # not scored: a dash, never a made-up number
+    assert "| NExt predictor | 0.931 | 0.049 |" in section  # the rank-1 figures follow, unmarked
+    assert "Skill S by module type" in section and "| `q_proj` | 0.500 | – | -0.200 |" in section
+    assert section.index("skill S") < section.index("Rank-1 figures")
 
 
 def test_backtest_winner_other_than_the_method_is_pointed_out(short_run: DemoRun, tmp_path: Path) -> None:
@@ -172,7 +192,7 @@ def test_backtest_winner_other_than_the_method_is_pointed_out(short_run: DemoRun
 
 def test_no_backtest(short_run: DemoRun, tmp_path: Path) -> None:
     card = render_model_card(tmp_path, make_manifest(short_run, method="last-interval", backtest=None))
-    assert "No back-test figures were recorded (`last-interval` needs no predictor)." in card
+    assert "No `fit` back-test figures were recorded (`last-interval` needs no predictor)." in card
     assert "| Method | cosine |" not in card
 
 

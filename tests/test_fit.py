@@ -15,10 +15,11 @@ import pytest
 from examples.demo_run import DemoRun
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
-from nexttools.fit import FitOptions, fit, module_kind
+from nexttools.fit import FitOptions, fit
 from nexttools.methods import METHODS
 from nexttools.saved_predictor import load_predictor
 from nexttools.store import open_store
+from nexttools.trajectory import module_kind
 from tests.cli_helpers import assert_one_line_error, invoke
 from tests.test_methods import curved_trajectory, linear_trajectory, write_store
 
@@ -225,7 +226,10 @@ def test_json_document_and_table(curved_store: Path, tmp_path: Path, capsys, mon
     assert isinstance(predictor["train_loss"], float) and predictor["train_loss"] > 0
     assert json.loads((tmp_path / "predictor.json").read_text())["backtest"] == backtest
     # the human output is on stderr: the table and the verdict
-    assert "back-test on the last 2 target row(s)" in err and "overall" in err and "gate_proj" in err
+    assert "rank-1 back-test (store only) on the last 2 target row(s)" in err
+    assert "overall" in err and "gate_proj" in err
+    # a synthetic store has no run files behind it: no full-space figures, and it says so
+    assert backtest["skill"] is None and "full-space back-test was skipped" in err
     assert backtest["summary"].split(":")[0] in err
 
 
@@ -236,7 +240,10 @@ def test_end_to_end_on_a_real_peft_run(short_run: DemoRun, tmp_path: Path) -> No
     assert result.backtest.holdout_rows == 1 and result.backtest.train_rows == 2
     assert result.backtest.methods["last-interval"] is None
     assert result.document()["backtest"]["methods"]["last-interval"] is None
-    assert "last-interval is not scored here (needs k checkpoints" in result.backtest.summary
+    assert result.backtest.skill is not None and result.backtest.skill["last-interval"] is None
+    assert "last-interval is not scored (last-interval needs 5 checkpoints before row 2" in (
+        result.backtest.summary
+    )
     with open_store(tmp_path / "trajectory.h5") as store:
         predicted = load_predictor(tmp_path, store).predict(store)
         modules, u_offset, v_offset = store.modules, store.u_offset, store.v_offset

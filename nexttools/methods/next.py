@@ -21,7 +21,7 @@ class NExt(Method):
     def jump(self, request: JumpRequest) -> Jump:
         run, predictor = request.run, request.predictor
         assert predictor is not None, "next needs the predictor (needs_predictor)"
-        arrays = predictor.predict(run.store, row=run.rows - 1)
+        arrays = predictor.predict(run.trajectory(), row=run.rows - 1)
         return Jump(
             target_step=target_step(run.steps, run.k, request.alpha),
             change=rank1_change(request.run, arrays, request.alpha),
