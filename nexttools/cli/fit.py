@@ -100,48 +100,44 @@ def skill_table(result: FitResult) -> Table:
     """Full-space skill S at the requested α and α* of every method, per module kind and overall."""
     backtest = result.backtest
     assert backtest.skill is not None
-    alpha = next((s.alpha for s in backtest.skill.values() if s is not None), math.nan)
-    table = Table(
-        title=f"full-space back-test on the last {backtest.holdout_rows} checkpoint(s) with a known "
+    scores = backtest.skill
+    alpha = next((s.alpha for s in scores.values() if s is not None), math.nan)
+    return _method_table(
+        f"full-space back-test on the last {backtest.holdout_rows} checkpoint(s) with a known "
         f"future: skill S at α={alpha:g}, and α*",
-        title_justify="left",
+        "S  α*",
+        {
+            name: {kind: f"{s.skill[kind]:.3f}  {s.alpha_star[kind]:.2f}" for kind in s.skill}
+            for name, s in scores.items()
+            if s is not None
+        },
     )
-    table.add_column("module")
-    for method in METHODS:
-        table.add_column(f"{method}\nS  α*", justify="right")
-    first = next((s for s in backtest.skill.values() if s is not None), None)
-    kinds = list(first.skill) if first is not None else ["overall"]
-    for kind in kinds:
-        cells = []
-        for method in METHODS:
-            score = backtest.skill.get(method)
-            if score is None or kind not in score.skill:
-                cells.append("n/a")
-            else:
-                cells.append(f"{score.skill[kind]:.3f}  {score.alpha_star[kind]:.2f}")
-        table.add_row(kind, *cells, style="bold" if kind == "overall" else None)
-    return table
 
 
 def backtest_table(result: FitResult) -> Table:
     """Cosine and σ error of every method, per module kind and overall (σ-weighted means)."""
     backtest = result.backtest
-    table = Table(
-        title=f"rank-1 back-test (store only) on the last {backtest.holdout_rows} target row(s), "
+    return _method_table(
+        f"rank-1 back-test (store only) on the last {backtest.holdout_rows} target row(s), "
         f"trained on {backtest.train_rows}",
-        title_justify="left",
+        "cosine  σ err",
+        {
+            name: {kind: f"{s.cosine[kind]:.3f}  {s.sigma_rel_err[kind]:5.1%}" for kind in s.cosine}
+            for name, s in backtest.methods.items()
+            if s is not None
+        },
     )
+
+
+def _method_table(title: str, heading: str, cells: dict[str, dict[str, str]]) -> Table:
+    """Methods as columns (every registered one; "n/a" where not scored), module kinds as rows, the
+    "overall" row last and bold. ``cells``: method -> kind -> formatted figures."""
+    table = Table(title=title, title_justify="left")
     table.add_column("module")
     for method in METHODS:
-        table.add_column(f"{method}\ncosine  σ err", justify="right")
-    kinds = next(s for s in backtest.methods.values() if s is not None).cosine
-    for kind in [*(k for k in kinds if k != "overall"), "overall"]:
-        cells = []
-        for method in METHODS:
-            score = backtest.methods[method]
-            if score is None or kind not in score.cosine:
-                cells.append("n/a")
-            else:
-                cells.append(f"{score.cosine[kind]:.3f}  {score.sigma_rel_err[kind]:5.1%}")
-        table.add_row(kind, *cells, style="bold" if kind == "overall" else None)
+        table.add_column(f"{method}\n{heading}", justify="right")
+    kinds = list(dict.fromkeys(kind for by_kind in cells.values() for kind in by_kind if kind != "overall"))
+    for kind in [*kinds, "overall"]:
+        row = [cells.get(method, {}).get(kind, "n/a") for method in METHODS]
+        table.add_row(kind, *row, style="bold" if kind == "overall" else None)
     return table
