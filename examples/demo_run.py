@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,14 +135,14 @@ def trajectory_factors(
     return (b @ m) / scaling, torch.linalg.solve(m, a)
 
 
-def save_lora_checkpoint(
-    base_model: torch.nn.Module, lora_config: object, step: int, out: Path, seed: int
-) -> None:
-    """Set every LoRA module of a fresh PEFT wrap of ``base_model`` to the trajectory at ``step`` and save.
+Factors = Callable[[tuple[int, int], int, int, int, float], tuple[torch.Tensor, torch.Tensor]]
+"""(shape, rank, step, generator_seed, scaling) -> (B, A), as :func:`trajectory_factors`."""
 
-    Writes ``out/adapter_model.safetensors``, ``out/adapter_config.json`` (PEFT) and a TRL-style
-    ``out/trainer_state.json`` whose ``global_step`` is ``step``.
-    """
+
+def _peft_at(
+    base_model: torch.nn.Module, lora_config: object, step: int, seed: int, factors: Factors
+) -> torch.nn.Module:
+    """A fresh PEFT wrap of ``base_model`` with every LoRA module set to ``factors`` at ``step``."""
     import copy
 
     from peft import get_peft_model
@@ -153,15 +154,32 @@ def save_lora_checkpoint(
                 continue
             lora_a = module.lora_A["default"].weight
             lora_b = module.lora_B["default"].weight
-            b, a = trajectory_factors(
+            b, a = factors(
                 (lora_b.shape[0], lora_a.shape[1]),
                 lora_a.shape[0],
                 step,
-                generator_seed=seed * 1000 + index,
-                scaling=module.scaling["default"],
+                seed * 1000 + index,
+                module.scaling["default"],
             )
             lora_b.copy_(b.to(lora_b.dtype))
             lora_a.copy_(a.to(lora_a.dtype))
+    return peft_model
+
+
+def save_lora_checkpoint(
+    base_model: torch.nn.Module,
+    lora_config: object,
+    step: int,
+    out: Path,
+    seed: int,
+    factors: Factors = trajectory_factors,
+) -> None:
+    """Set every LoRA module of a fresh PEFT wrap of ``base_model`` to the trajectory at ``step`` and save.
+
+    Writes ``out/adapter_model.safetensors``, ``out/adapter_config.json`` (PEFT) and a TRL-style
+    ``out/trainer_state.json`` whose ``global_step`` is ``step``.
+    """
+    peft_model = _peft_at(base_model, lora_config, step, seed, factors)
     peft_model.save_pretrained(out)
     state = {"global_step": step, "epoch": step / 150.0, "max_steps": 400, "log_history": []}
     (out / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -176,11 +194,16 @@ def build_demo_run(
     seed: int = 0,
     tie_word_embeddings: bool = False,
     base_dtype: torch.dtype = torch.float32,
+    factors: Factors = trajectory_factors,
+    future_step: int | None = None,
 ) -> DemoRun:
     """Build ``out/base`` (tiny Llama) and ``out/run/checkpoint-N`` for every N in ``steps``.
 
     The LoRA targets q, k, v, o, gate, up and down with ``alpha != rank`` so that a scaling bug
-    cannot hide. Each checkpoint is a real ``PeftModel.save_pretrained`` output.
+    cannot hide. Each checkpoint is a real ``PeftModel.save_pretrained`` output; ``factors`` sets the
+    trajectory (:func:`trajectory_factors` by default). With ``future_step``, also writes
+    ``out/future.safetensors``: the trained modules' merged weights (PEFT ``merge_and_unload``) at
+    that step, the reference of ``examples/toy_eval.py``.
     """
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -197,8 +220,23 @@ def build_demo_run(
     )
     run = out / "run"
     for step in steps:
-        save_lora_checkpoint(model, config, step, run / f"checkpoint-{step}", seed)
+        save_lora_checkpoint(model, config, step, run / f"checkpoint-{step}", seed, factors)
+    if future_step is not None:
+        save_merged_modules(model, config, future_step, out / "future.safetensors", seed, factors)
     return DemoRun(base=base, run=run, steps=tuple(steps))
+
+
+def save_merged_modules(
+    base_model: torch.nn.Module, lora_config: object, step: int, out: Path, seed: int, factors: Factors
+) -> Path:
+    """Save the LoRA-targeted weights of the run at ``step``, merged by PEFT, as one safetensors file."""
+    from safetensors.torch import save_file
+
+    merged = _peft_at(base_model, lora_config, step, seed, factors).merge_and_unload()
+    targets = tuple(f"{name}.weight" for name in lora_config.target_modules)  # type: ignore[attr-defined]
+    tensors = {k: v.contiguous() for k, v in merged.state_dict().items() if k.endswith(targets)}
+    save_file(tensors, str(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from nexttools.outputs import OutputFormat, OutputPlan, OutputRequest, get_outpu
 from nexttools.run import OpenedRun
 from nexttools.saved_predictor import load_predictor, recorded_backtest
 from nexttools.store import STORE_FILE, open_store
+from nexttools.verdict import read_verdict, warn_if_judged
 from nexttools.writer import check_destination, staged_folder
 
 DTYPES: dict[str, torch.dtype] = {
@@ -252,6 +253,7 @@ def _manifest(
         "store": {"path": str(store.path), "fingerprint": store.fingerprint()},
         "predictor": predictor,
         "backtest": recorded_backtest(options.workdir, store),
+        "verdict": read_verdict(options.workdir, store),
         **plan.manifest,
     }
 
@@ -271,13 +273,12 @@ def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
         check_destination(out, overwrite=options.overwrite)
         run = OpenedRun(store)
         output.check(run, method, out_dtype)
+        warnings += warn_if_judged(read_verdict(options.workdir, store), method.name, options.alpha)
         predictor = load_predictor(Path(options.workdir), store) if method.needs_predictor else None
         jump = method.jump(JumpRequest(run=run, alpha=options.alpha, predictor=predictor))
         base_id, id_warnings = _base_id(options, run)
         warnings += id_warnings
-        plan = output.plan(
-            OutputRequest(run, method, jump, out_dtype, options.max_shard_size, base_id, device)
-        )
+        plan = output.plan(OutputRequest(run, jump, out_dtype, options.max_shard_size, base_id, device))
         warnings += plan.warnings
         if plan.untied:
             message = (

@@ -61,6 +61,7 @@ from nexttools.saved_predictor import (
 from nexttools.skill import SkillScore, full_space_backtest
 from nexttools.store import STORE_FILE, DeltaArrays, TrajectoryStore, open_store
 from nexttools.trajectory import Trajectory, module_kind
+from nexttools.verdict import read_verdict
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,7 @@ def _fit(options: FitOptions, store: TrajectoryStore, store_path: Path, device: 
         "train_loss": train_loss,
         "losses": losses,
         "backtest": result.document(),
+        "verdict": read_verdict(workdir, store),
         "versions": {"nexttools": __version__, "torch": torch.__version__},
     }
     weights_path, config_path = save_predictor(workdir, predictor, config)

@@ -35,6 +35,7 @@ def cli() -> None:
     \b
     nexttools extract RUN [--base BASE]   checkpoints -> trajectory store
     nexttools fit                         store -> predictor + back-test
+    nexttools backtest --eval-cmd CMD     what a jump is worth, scored by your eval
     nexttools extrapolate --alpha 1.5     predictor + last checkpoint -> HF model
     nexttools push OUT REPO_ID            output folder -> Hugging Face Hub
     """
@@ -95,4 +96,4 @@ def main() -> None:
 
 
 # Subcommands register themselves on `cli`; imported last so that they can import it.
-from nexttools.cli import extract, extrapolate, fit, push  # noqa: E402, F401
+from nexttools.cli import backtest, extract, extrapolate, fit, push  # noqa: E402, F401

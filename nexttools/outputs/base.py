@@ -25,14 +25,13 @@ Weights = Literal["model", "adapter"]
 
 @dataclass(frozen=True)
 class OutputRequest:
-    """Everything an output needs: the run, the method and its jump, and the writing options.
+    """Everything an output needs: the run, the jump, and the writing options.
 
     ``dtype`` is ``--dtype`` (None keeps each tensor's own); ``max_shard_size`` is in bytes;
     ``base_id`` is the base's Hub id when known; ``device`` is where tensors are computed.
     """
 
     run: OpenedRun
-    method: Method
     jump: Jump
     dtype: torch.dtype | None
     max_shard_size: int

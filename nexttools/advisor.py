@@ -1,0 +1,300 @@
+"""``nexttools backtest --eval-cmd``: what a jump is worth on this run, scored by the task's own eval.
+
+The parameter-space figures of ``fit`` do not say what a jump buys; this does. From an origin
+checkpoint o (by default k checkpoints before the last), using only what the run knew then (the
+predictor is refit on the target rows that checkpoints ≤ o determine, rows 0 … o−k), every
+registered method jumps at every α of ``alphas``. Each jump is written merged into a scratch folder
+in the workdir, scored by the user's eval command and deleted, so disk holds one model at a time;
+the real checkpoints o … last are scored the same way (written as the method-free model W_r). The
+worth of each jump is read off the real curve (:mod:`nexttools.worth`).
+
+**Recommendation.** Among the jumps worth at least :data:`MIN_WORTH` of the steps they claim, the one
+worth the most real steps (a lower bound counts as its bound; ties go to the higher worth): a jump
+that claims 3·k·Δ steps and delivers 60 % of them saves more than a perfect one that claims k·Δ.
+None worth half its claim: **do not extrapolate this run**. Because the real run ends k checkpoints
+after the default origin, a jump with α > 1 can show at most 1/α of its claim there (a lower bound);
+``--origin`` further back measures longer jumps.
+
+The verdict is saved as ``<workdir>/backtest.json`` (tied to the store's fingerprint); ``fit`` and
+``extrapolate`` record it in the predictor config, the manifest and the model card, and
+``extrapolate`` warns when the chosen (method, α) was judged not worth a jump.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nexttools.console import progress
+from nexttools.device import resolve_device
+from nexttools.errors import UserError
+from nexttools.evaluation import ScoreCache, check_command, model_fingerprint, run_eval
+from nexttools.fit import train_predictor
+from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
+from nexttools.outputs import OutputRequest, get_output
+from nexttools.predictor import (
+    DEFAULT_DEPTH,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_WIDTH,
+    Architecture,
+    TrainedPredictor,
+)
+from nexttools.run import OpenedRun
+from nexttools.saved_predictor import read_config
+from nexttools.store import STORE_FILE, TrajectoryStore, open_store
+from nexttools.trajectory import Trajectory
+from nexttools.verdict import MIN_WORTH, save_verdict
+from nexttools.worth import RealCurve
+
+DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
+_SHARD_SIZE = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class BacktestOptions:
+    """Inputs of :func:`backtest`. ``origin`` is a checkpoint's *step* (None: k checkpoints before the
+    last); ``methods`` empty means every registered one; ``device`` as for ``fit``."""
+
+    eval_cmd: str
+    workdir: Path = Path("nexttools-run")
+    store: Path | None = None
+    origin: int | None = None
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    methods: tuple[str, ...] = ()
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class JumpWorth:
+    """One scored jump: its score, the real steps it is worth, and worth = steps / claimed steps."""
+
+    method: str
+    alpha: float
+    score: float
+    claimed_steps: float
+    steps_worth: float
+    worth: float
+    lower_bound: bool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The back-test's result (the ``backtest --json`` document is :meth:`document`)."""
+
+    origin_step: int
+    k: int
+    results: list[JumpWorth]
+    real: list[tuple[int, float]]
+    recommendation: tuple[str, float] | None
+    reason: str
+    skipped: dict[str, str] = field(default_factory=dict)
+    evaluated: int = 0
+    cached: int = 0
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "origin_step": self.origin_step,
+            "k": self.k,
+            "results": [asdict(r) for r in self.results],
+            "real": [{"step": step, "score": score} for step, score in self.real],
+            "recommendation": None
+            if self.recommendation is None
+            else {"method": self.recommendation[0], "alpha": self.recommendation[1]},
+            "reason": self.reason,
+            "skipped": self.skipped,
+            "evaluated": self.evaluated,
+            "cached": self.cached,
+        }
+
+
+def origin_row(steps: np.ndarray, k: int, origin: int | None) -> int:
+    """The row of the origin checkpoint: the one at step ``origin``, or k checkpoints before the last."""
+    count = len(steps)
+    if origin is None:
+        if count < k + 2:
+            raise UserError(
+                f"the store has {count} checkpoints; the back-test jumps from k={k} checkpoints before "
+                f"the last and needs at least k+2 = {k + 2} (or pass --origin STEP)"
+            )
+        return count - 1 - k
+    rows = np.flatnonzero(steps == origin)
+    if len(rows) == 0:
+        raise UserError(f"no checkpoint at step {origin} (--origin); the run has steps {_listing(steps)}")
+    row = int(rows[0])
+    if row == count - 1:
+        raise UserError(f"--origin {origin} is the last checkpoint: the back-test needs real steps after it")
+    return row
+
+
+def _listing(steps: np.ndarray) -> str:
+    values = [str(int(s)) for s in steps]
+    return ", ".join(values) if len(values) <= 12 else ", ".join([*values[:5], "…", *values[-5:]])
+
+
+def backtest(options: BacktestOptions) -> Verdict:
+    """Score every (method, α) jump from the origin and the real checkpoints after it (module docstring)."""
+    check_command(options.eval_cmd)
+    if not options.alphas or not all(math.isfinite(a) and a > 0 for a in options.alphas):
+        raise UserError("--alpha values must be finite and > 0")
+    methods = [get_method(name) for name in options.methods] if options.methods else list(METHODS.values())
+    workdir = Path(options.workdir)
+    store_path = Path(options.store) if options.store is not None else workdir / STORE_FILE
+    if not store_path.is_file():
+        raise UserError(f"no trajectory store at {store_path}: run `nexttools extract` first")
+    with open_store(store_path) as store:
+        verdict = _backtest(options, store, methods)
+        save_verdict(workdir, store, {**verdict.document(), "eval_cmd": options.eval_cmd})
+    return verdict
+
+
+def _backtest(options: BacktestOptions, store: TrajectoryStore, methods: list[Method]) -> Verdict:
+    trajectory = Trajectory.from_store(store)
+    run = OpenedRun(store, trajectory)
+    k, steps = run.k, run.steps
+    o = origin_row(steps, k, options.origin)
+    origin = run.up_to(o)
+    for row in range(o + 1):
+        origin.checkpoint(row)  # every file the jumps read is checked before the first evaluation
+    # The real checkpoints first: a broken eval command fails before the predictor is refit.
+    real_rows = list(range(o, run.rows))
+    real_scores, evaluated, cached = _score_all(
+        options, [(f"checkpoint step {steps[r]}", *_unchanged(run.up_to(r))) for r in real_rows]
+    )
+    real = [(int(steps[r]), score) for r, score in zip(real_rows, real_scores, strict=True)]
+    curve = RealCurve.of([s for s, _ in real], real_scores)
+
+    skipped: dict[str, str] = {}
+    predictor = None
+    if any(m.needs_predictor for m in methods):
+        predictor, reason = _refit(options, trajectory, o)
+        if reason:
+            skipped.update({m.name: reason for m in methods if m.needs_predictor})
+    jumps: list[tuple[str, float, Jump]] = []
+    for method in methods:
+        if method.name in skipped:
+            continue
+        if method.lora_only and run.kind != "lora":
+            skipped[method.name] = "it applies to LoRA runs only"
+            continue
+        try:
+            jumps += [
+                (method.name, alpha, method.jump(JumpRequest(origin, alpha, predictor)))
+                for alpha in options.alphas
+            ]
+        except UserError as error:
+            skipped[method.name] = str(error)
+    scores, jump_evaluated, jump_cached = _score_all(
+        options, [(f"{name} at α={alpha:g}", origin, jump) for name, alpha, jump in jumps]
+    )
+    results = []
+    for (name, alpha, jump), score in zip(jumps, scores, strict=True):
+        claimed = jump.target_step - float(steps[o])
+        worth_steps, bound = curve.steps_to_reach(score)
+        results.append(JumpWorth(name, alpha, score, claimed, worth_steps, worth_steps / claimed, bound))
+    recommendation, reason = recommend(results)
+    counts = (evaluated + jump_evaluated, cached + jump_cached)
+    return Verdict(int(steps[o]), k, results, real, recommendation, reason, skipped, *counts)
+
+
+def _unchanged(run: OpenedRun) -> tuple[OpenedRun, Jump]:
+    """``run``'s last checkpoint as it is: a zero change (for LoRA, W_0 + the checkpoint's ΔW)."""
+    return run, Jump(target_step=float(run.steps[-1]), change=lambda name: run.combination(name, {}))
+
+
+def _refit(
+    options: BacktestOptions, trajectory: Trajectory, o: int
+) -> tuple[TrainedPredictor | None, str | None]:
+    """The predictor trained on target rows 0 … o−k only, with the workdir's ``fit`` settings."""
+    rows = np.arange(o - trajectory.k + 1)
+    if len(rows) == 0:
+        return None, f"the predictor needs k+1 = {trajectory.k + 1} checkpoints up to the origin to train on"
+    config = read_config(Path(options.workdir)) or {}
+    training = config.get("training", {})
+    architecture = Architecture(
+        **config.get("architecture", {"width": DEFAULT_WIDTH, "depth": DEFAULT_DEPTH})
+    )
+    try:
+        predictor, _ = train_predictor(
+            trajectory,
+            rows,
+            architecture=architecture,
+            epochs=int(training.get("epochs", DEFAULT_EPOCHS)),
+            lr=float(training.get("lr", DEFAULT_LR)),
+            seed=int(training.get("seed", 0)),
+            device=resolve_device(options.device),
+            label="refit to the origin",
+        )
+    except UserError as error:
+        return None, str(error)
+    return predictor, None
+
+
+def _score_all(
+    options: BacktestOptions, evaluations: list[tuple[str, OpenedRun, Jump]]
+) -> tuple[list[float], int, int]:
+    """Write each model into one scratch folder, score it (or take its cached score), delete it."""
+    cache = ScoreCache(Path(options.workdir), options.eval_cmd)
+    output = get_output("merged")
+    device = resolve_device(options.device)
+    scores: list[float] = []
+    evaluated = cached = 0
+    scratch = Path(tempfile.mkdtemp(prefix=".backtest-", dir=options.workdir))
+    try:
+        with progress() as bar:
+            task = bar.add_task("evaluating", total=len(evaluations))
+            for label, run, jump in evaluations:
+                bar.update(task, description=label)
+                folder = scratch / "model"
+                plan = output.plan(OutputRequest(run, jump, None, _SHARD_SIZE, None, device))
+                _check_space(scratch, sum(plan.files.values()))
+                folder.mkdir()
+                plan.write(folder)
+                fingerprint = model_fingerprint(folder)
+                score = cache.get(fingerprint)
+                if score is None:
+                    score = run_eval(options.eval_cmd, folder, label)
+                    cache.put(fingerprint, score)
+                    evaluated += 1
+                else:
+                    cached += 1
+                shutil.rmtree(folder)
+                scores.append(score)
+                bar.update(task, advance=1)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return scores, evaluated, cached
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(
+            f"the back-test writes one model of {needed / 1e9:.2f} GB at a time into {folder.parent}; "
+            f"{free / 1e9:.2f} GB are free"
+        )
+
+
+def recommend(results: list[JumpWorth]) -> tuple[tuple[str, float] | None, str]:
+    """The recommended (method, α) and one line saying why (module docstring), or None: do not jump."""
+    if not results:
+        return None, "no method could jump from the origin"
+    best = max(results, key=lambda r: r.worth)
+    paying = [r for r in results if r.worth >= MIN_WORTH]
+    if not paying:
+        return None, (
+            f"no jump was worth half the steps it claimed: the best, {best.method} at α={best.alpha:g}, "
+            f"was worth {best.worth:.2f} ({best.steps_worth:.0f} of {best.claimed_steps:.0f} steps)"
+        )
+    chosen = max(paying, key=lambda r: (r.steps_worth, r.worth))
+    bound = "at least " if chosen.lower_bound else ""
+    return (chosen.method, chosen.alpha), (
+        f"{chosen.method} at α={chosen.alpha:g} was worth {bound}{chosen.steps_worth:.0f} real steps of the "
+        f"{chosen.claimed_steps:.0f} it claimed (worth {bound}{chosen.worth:.2f})"
+    )

@@ -1,0 +1,130 @@
+"""``nexttools backtest --eval-cmd CMD``: parse options, call :func:`nexttools.advisor.backtest`, print it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from nexttools.advisor import DEFAULT_ALPHAS, BacktestOptions, Verdict, backtest
+from nexttools.cli import cli
+from nexttools.cli.options import MAX_STEP, workdir_options
+from nexttools.console import console
+from nexttools.device import DEVICE_HELP
+from nexttools.methods import METHODS
+from nexttools.verdict import MIN_WORTH, VERDICT_FILE
+
+
+@cli.command("backtest")
+@workdir_options
+@click.option(
+    "--eval-cmd",
+    required=True,
+    help="Shell command that scores the model folder {model} (higher is better) on its last stdout line.",
+)
+@click.option(
+    "--origin",
+    type=click.IntRange(0, MAX_STEP),
+    help="Step of the checkpoint to jump from [default: k checkpoints before the last].",
+)
+@click.option(
+    "--alpha",
+    "alphas",
+    type=float,
+    multiple=True,
+    help=f"α to try (repeat the option) [default: {', '.join(f'{a:g}' for a in DEFAULT_ALPHAS)}].",
+)
+@click.option(
+    "--method",
+    "methods",
+    type=click.Choice(list(METHODS)),
+    multiple=True,
+    help="Method to try (repeat the option) [default: every one].",
+)
+@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON on stdout.")
+def backtest_command(
+    workdir: Path,
+    store: Path | None,
+    eval_cmd: str,
+    origin: int | None,
+    alphas: tuple[float, ...],
+    methods: tuple[str, ...],
+    device: str,
+    as_json: bool,
+) -> None:
+    """Say whether to jump, how far and with which method, scored by your own eval.
+
+    From an earlier checkpoint (--origin), using only what the run knew then, every method jumps at
+    every α; each jump and each real checkpoint after the origin is written merged into a scratch
+    folder, scored by --eval-cmd and deleted. A jump's worth is the real steps it matched divided by
+    the steps it claims (1 perfect, 0 useless, negative harmful).
+
+    \b
+    Example:
+      nexttools backtest --eval-cmd "python eval.py --model {model} --n 200"
+    """
+    verdict = backtest(
+        BacktestOptions(
+            eval_cmd=eval_cmd,
+            workdir=workdir,
+            store=store,
+            origin=origin,
+            alphas=alphas or DEFAULT_ALPHAS,
+            methods=methods,
+            device=device,
+        )
+    )
+    console.print(_real_table(verdict))
+    console.print(_jump_table(verdict))
+    for name, reason in verdict.skipped.items():
+        console.print(f"{name}: not tried ({reason})", soft_wrap=True)
+    if verdict.recommendation is None:
+        console.print(f"[bold]do not extrapolate this run[/bold]: {verdict.reason}.", soft_wrap=True)
+    else:
+        method, alpha = verdict.recommendation
+        console.print(
+            f"[bold]recommendation: --method {method} --alpha {alpha:g}[/bold]: {verdict.reason}.",
+            soft_wrap=True,
+        )
+    console.print(
+        f"{verdict.evaluated} evaluation(s) run, {verdict.cached} from the cache; "
+        f"verdict saved to {workdir / VERDICT_FILE}",
+        soft_wrap=True,
+    )
+    if as_json:
+        click.echo(json.dumps(verdict.document(), indent=2))
+
+
+def _real_table(verdict: Verdict) -> Table:
+    table = Table(title=f"real run from the origin (step {verdict.origin_step})", title_justify="left")
+    table.add_column("step", justify="right")
+    table.add_column("score", justify="right")
+    for step, score in verdict.real:
+        table.add_row(str(step), f"{score:.4g}")
+    return table
+
+
+def _jump_table(verdict: Verdict) -> Table:
+    table = Table(
+        title=f"jumps from step {verdict.origin_step}: worth = real steps matched / steps claimed "
+        f"(≥ means a lower bound; under {MIN_WORTH} does not pay)",
+        title_justify="left",
+    )
+    for column in ("method", "α", "score", "steps claimed", "steps worth", "worth"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in verdict.results:
+        bound = "≥ " if r.lower_bound else ""
+        chosen = verdict.recommendation == (r.method, r.alpha)
+        table.add_row(
+            r.method,
+            f"{r.alpha:g}",
+            f"{r.score:.4g}",
+            f"{r.claimed_steps:.0f}",
+            f"{bound}{r.steps_worth:.1f}",
+            f"{bound}{r.worth:.2f}",
+            style="bold green" if chosen else None,
+        )
+    return table
