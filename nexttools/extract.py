@@ -33,9 +33,11 @@ from nexttools.checkpoints.base import recorded_base, resolve_base
 from nexttools.checkpoints.discover import CheckpointRef, discover_checkpoints
 from nexttools.checkpoints.fingerprint import fingerprint
 from nexttools.checkpoints.weights import ModelWeights
+from nexttools.consistency import Consistency, consistency, gram_lags
 from nexttools.console import progress, warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
+from nexttools.frobenius import inner
 from nexttools.lowrank import (
     GramCache,
     LowRankFactors,
@@ -108,6 +110,8 @@ class ExtractSummary:
     written: bool
     store_fingerprint: str
     warnings: tuple[str, ...] = ()
+    consistency: Consistency | None = None
+    """Lag cosines and straightness (:mod:`nexttools.consistency`); None for a store without a band."""
 
     @property
     def checkpoints(self) -> int:
@@ -133,6 +137,7 @@ class ExtractSummary:
             "rebuilt": self.rebuilt,
             "written": self.written,
             "store_fingerprint": self.store_fingerprint,
+            "consistency": None if self.consistency is None else self.consistency.document(),
             "warnings": list(self.warnings),
         }
 
@@ -332,6 +337,10 @@ class Plan:
     keep: dict[DeltaKind, dict[int, int]]
     rebuilt: bool
     warnings: tuple[str, ...] = field(default=())
+    gram_compute: frozenset[tuple[int, int]] = frozenset()
+    """Entries (i, l) of the Gram band ⟨ΔW_i, ΔW_(i−l)⟩ to compute (:mod:`nexttools.consistency`)."""
+    gram_keep: dict[tuple[int, int], int] = field(default_factory=dict)
+    """Entries (i, l) copied from the old store's row (value) at the same lag."""
 
     @property
     def needed(self) -> tuple[int, ...]:
@@ -341,17 +350,22 @@ class Plan:
             rows.update((i, i - 1) if i > 0 else (i,))
         for i in self.compute["target"]:
             rows.update((i, i + self.k))
+        for i, lag in self.gram_compute:
+            rows.update((i, i - lag) if i - lag >= 0 else (i,))
         return tuple(sorted(rows))
 
 
-def plan_rows(fresh: StoreLayout, old: StoreLayout | None, store: Path) -> Plan:
+def plan_rows(
+    fresh: StoreLayout, old: StoreLayout | None, store: Path, old_gram_lags: int | None = None
+) -> Plan:
     """Plan the new store from ``fresh`` (the layout of the current selection) and the ``old`` store.
 
     Rules (``docs/store.md``, "Appending"): unchanged rows are kept; new checkpoints must come
     after the stored ones (else the store is rebuilt from scratch); a stored checkpoint whose
     folder is gone keeps its rows; a changed fingerprint recomputes G and L of that row, L of the
     next, the targets that use it (and the sign chain after it, in :func:`_align`); another k
-    recomputes every target.
+    recomputes every target. A Gram band entry is kept when the old store (whose band has
+    ``old_gram_lags`` lags, None: none) holds the same pair of unchanged rows, else computed.
     """
     selected = [
         PlannedRow(step, path, fp, index, None, True)
@@ -420,6 +434,11 @@ def plan_rows(fresh: StoreLayout, old: StoreLayout | None, store: Path) -> Plan:
         warnings.append(
             f"targets of steps {unreachable} need deleted checkpoints and stay empty (NaN) in the store"
         )
+    gram_compute, gram_keep, missing = _gram_plan(rows, fresh.k, old_gram_lags)
+    if missing:
+        warnings.append(
+            f"{missing} consistency entries need deleted checkpoints and stay empty (NaN) in the store"
+        )
     return Plan(
         rows=tuple(rows),
         k=fresh.k,
@@ -427,7 +446,41 @@ def plan_rows(fresh: StoreLayout, old: StoreLayout | None, store: Path) -> Plan:
         keep=keep,
         rebuilt=False,
         warnings=tuple(warnings),
+        gram_compute=gram_compute,
+        gram_keep=gram_keep,
     )
+
+
+def _gram_plan(
+    rows: Sequence[PlannedRow], k: int, old_lags: int | None
+) -> tuple[frozenset[tuple[int, int]], dict[tuple[int, int], int], int]:
+    """Which Gram band entries (i, l), l = 0 … k+1, to compute and which to keep (new -> old row);
+    the number that can be neither (a deleted checkpoint with no stored entry)."""
+    compute: set[tuple[int, int]] = set()
+    keep: dict[tuple[int, int], int] = {}
+    missing = 0
+    for i, row in enumerate(rows):
+        for lag in range(gram_lags(k)):
+            j = i - lag
+            if j < -1:
+                break
+            other = rows[j] if j >= 0 else None
+            unchanged = not row.dirty and (other is None or not other.dirty)
+            old_j = -1 if other is None else other.old
+            if (
+                old_lags is not None
+                and lag < old_lags
+                and unchanged
+                and row.old is not None
+                and old_j is not None
+                and row.old - old_j == lag
+            ):
+                keep[(i, lag)] = row.old
+            elif row.source is not None and (other is None or other.source is not None):
+                compute.add((i, lag))
+            else:
+                missing += 1
+    return frozenset(compute), keep, missing
 
 
 def _old(row: PlannedRow) -> int:
@@ -456,6 +509,7 @@ def _rebuild_reason(fresh: StoreLayout, old: StoreLayout) -> str | None:
 
 def _full_plan(rows: tuple[PlannedRow, ...], k: int, *, rebuilt: bool, warnings: list[str]) -> Plan:
     c = len(rows)
+    gram = frozenset((i, lag) for i in range(c) for lag in range(gram_lags(k)) if i - lag >= -1)
     return Plan(
         rows=rows,
         k=k,
@@ -463,6 +517,7 @@ def _full_plan(rows: tuple[PlannedRow, ...], k: int, *, rebuilt: bool, warnings:
         keep={kind: {} for kind in KINDS},
         rebuilt=rebuilt,
         warnings=tuple(warnings),
+        gram_compute=gram,
     )
 
 
@@ -521,7 +576,9 @@ def extract(options: ExtractOptions) -> ExtractSummary:
 def _update_store(
     source: _Source, fresh: StoreLayout, old: TrajectoryStore | None, store: Path
 ) -> ExtractSummary:
-    plan = plan_rows(fresh, old.layout if old is not None else None, store)
+    old_gram = old.gram() if old is not None else None
+    old_lags = old_gram.shape[2] if old_gram is not None else None
+    plan = plan_rows(fresh, old.layout if old is not None else None, store, old_lags)
     for message in plan.warnings:
         warn(message)
     layout = replace(
@@ -530,12 +587,15 @@ def _update_store(
         paths=tuple(row.path for row in plan.rows),
         fingerprints=tuple(row.fingerprint for row in plan.rows),
     )
-    up_to_date = old is not None and not any(plan.compute.values()) and old.layout == layout
+    up_to_date = (
+        old is not None and not any(plan.compute.values()) and not plan.gram_compute and old.layout == layout
+    )
     last = plan.rows[-1]
     energy_load = source.reports_energy and last.source is not None and len(plan.rows) - 1 not in plan.needed
     steps_read = sorted({plan.rows[i].step for i in plan.needed} | ({last.step} if energy_load else set()))
 
     energies: list[float] = []
+    grams: list[np.ndarray] = []
     writer = None if up_to_date else StoreWriter(store, layout)
     try:
         with progress() as bar:
@@ -545,9 +605,14 @@ def _update_store(
                 try:
                     energy = None
                     if writer is not None:
-                        rows, energy = _module_rows(source, plan, j, name, layout.shapes[j], old)
+                        old_band = old_gram[j] if old_gram is not None else None
+                        rows, gram, energy = _module_rows(
+                            source, plan, j, name, layout.shapes[j], old, old_band
+                        )
                         for kind in KINDS:
                             writer.write_module(kind, j, rows[kind])
+                        writer.write_gram(j, gram)
+                        grams.append(gram)
                     if energy_load and last.source is not None:
                         energy = source.energy(source.load(last.source, name))
                 finally:
@@ -562,6 +627,13 @@ def _update_store(
             writer.abort()
         raise
 
+    band = np.stack(grams) if grams else old_gram
+    figures = consistency(band, layout.k) if band is not None else None
+    warnings = plan.warnings
+    walk = figures.warning() if figures is not None else None
+    if walk is not None:
+        warn(walk)
+        warnings = (*warnings, walk)
     return ExtractSummary(
         store=store,
         run_kind=layout.run_kind,
@@ -579,7 +651,8 @@ def _update_store(
         store_fingerprint=content_fingerprint(
             VERSION, layout.k, layout.steps, layout.fingerprints, layout.modules
         ),
-        warnings=plan.warnings,
+        warnings=warnings,
+        consistency=figures,
     )
 
 
@@ -590,12 +663,14 @@ def _module_rows(
     name: str,
     shape: tuple[int, int],
     old: TrajectoryStore | None,
-) -> tuple[dict[DeltaKind, DeltaArrays], float | None]:
+    old_gram: np.ndarray | None,
+) -> tuple[dict[DeltaKind, DeltaArrays], np.ndarray, float | None]:
     """All rows of one module: kept rows copied from ``old``, the others computed, then sign-aligned.
 
-    Operands are loaded in step order and dropped once older than the k+1 window that L and T
-    need. Returns the rows (``sigma (C,)``, ``u (C, out)``, ``v (C, in)``) per kind and the energy
-    ratio of the last global delta when the last checkpoint was loaded (else None).
+    Operands are loaded in step order and dropped once older than the k+2 window that L, T and the
+    Gram band need. Returns the rows (``sigma (C,)``, ``u (C, out)``, ``v (C, in)``) per kind, the
+    Gram band ``(C, k+2)`` (``old_gram``, the old store's ``(C_old, lags)``, supplies kept entries)
+    and the energy ratio of the last global delta when the last checkpoint was loaded (else None).
     """
     c, k = len(plan.rows), plan.k
     triples: dict[DeltaKind, list[Rank1 | None]] = {kind: [None] * c for kind in KINDS}
@@ -606,6 +681,13 @@ def _module_rows(
                 u, v = torch.from_numpy(stored.u[was]), torch.from_numpy(stored.v[was])
                 triples[kind][new] = Rank1(float(stored.sigma[was]), u, v)
 
+    gram = np.full((c, gram_lags(k)), np.nan)
+    if old_gram is not None:
+        for (i, lag), was in plan.gram_keep.items():
+            gram[i, lag] = old_gram[was, lag]
+    gram_lags_of: dict[int, list[int]] = {}
+    for i, lag in plan.gram_compute:
+        gram_lags_of.setdefault(i, []).append(lag)
     compute = {kind: set(plan.compute[kind]) for kind in KINDS}
     window: dict[int, Operand] = {}
     energy = None
@@ -613,8 +695,10 @@ def _module_rows(
         position = plan.rows[n].source
         assert position is not None, "the plan only reads rows whose checkpoint exists"
         window[n] = source.load(position, name)
-        for stale in [i for i in window if i < n - k]:
+        for stale in [i for i in window if i < n - k - 1]:
             source.release(window.pop(stale))
+        for lag in gram_lags_of.get(n, ()):
+            gram[n, lag] = 0.0 if n - lag < 0 else inner(window[n], window[n - lag])
         if n in compute["global"]:
             triples["global"][n] = source.rank1(window[n], None)
         if n in compute["local"]:
@@ -627,7 +711,7 @@ def _module_rows(
         source.release(operand)
 
     _align(triples)
-    return {kind: _to_arrays(triples[kind], shape) for kind in KINDS}, energy
+    return {kind: _to_arrays(triples[kind], shape) for kind in KINDS}, gram, energy
 
 
 def _align(triples: dict[DeltaKind, list[Rank1 | None]]) -> None:

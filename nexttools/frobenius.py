@@ -7,7 +7,7 @@ A :data:`~nexttools.run.Change` is factors (ΔW = L Rᵀ, ``L (out, q)``, ``R (i
 
 which costs q₁q₂(out + in) instead of out·in·(q₁ + q₂); a factored and a dense change meet as
 Σ L ∘ (D R). Everything is computed in float64, so that a skill score 1 − ‖T̂ − T‖²/‖T‖² close to 1
-is not lost to cancellation.
+is not lost to cancellation; dense tensors are converted a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 
 from nexttools.lowrank import LowRankFactors
 from nexttools.run import Change
+
+_ROWS = 1024
 
 
 def inner(a: Change, b: Change) -> float:
@@ -27,10 +29,15 @@ def inner(a: Change, b: Change) -> float:
     if isinstance(a, LowRankFactors):
         a, b = b, a
     assert isinstance(a, torch.Tensor)
-    dense = a.to(torch.float64)
-    if isinstance(b, LowRankFactors):
-        return float((b.left.to(torch.float64) * (dense @ b.right.to(torch.float64))).sum())
-    return float((dense * b.to(torch.float64)).sum())
+    total = 0.0
+    for start in range(0, a.shape[0], _ROWS):  # float64 a block of rows at a time: bounded memory
+        block = a[start : start + _ROWS].to(torch.float64)
+        if isinstance(b, LowRankFactors):
+            left = b.left[start : start + _ROWS].to(torch.float64)
+            total += float((left * (block @ b.right.to(torch.float64))).sum())
+        else:
+            total += float((block * b[start : start + _ROWS].to(torch.float64)).sum())
+    return total
 
 
 def squared_norm(a: Change) -> float:

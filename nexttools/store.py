@@ -41,6 +41,9 @@ VERSION = 1
 DeltaKind = Literal["global", "local", "target"]
 RunKind = Literal["lora", "full"]
 KINDS: tuple[DeltaKind, ...] = ("global", "local", "target")
+GRAM = "consistency/gram"
+"""The Gram band ``(M, C, k+2)`` float64, ⟨ΔW_i, ΔW_(i−l)⟩ (:mod:`nexttools.consistency`); an addition
+to schema v1: stores written before it lack it, and :meth:`TrajectoryStore.gram` returns None."""
 
 
 def partial_path(path: Path) -> Path:
@@ -216,6 +219,11 @@ class TrajectoryStore:
         v_cols = slice(int(self.v_offset[index]), int(self.v_offset[index + 1]))
         return DeltaArrays(sigma=group["sigma"][:, index], u=group["u"][:, u_cols], v=group["v"][:, v_cols])
 
+    def gram(self) -> np.ndarray | None:
+        """The Gram band ``(M, C, k+2)`` float64 (NaN: not computable), or None in an older store."""
+        dataset = self._file.get(GRAM)
+        return None if dataset is None else np.asarray(dataset[()], dtype=np.float64)
+
     def fingerprint(self) -> str:
         """16 hex digits over (version, k, steps, checkpoint fingerprints, module names)."""
         return content_fingerprint(self.version, self.k, self.steps.tolist(), self.fingerprints, self.modules)
@@ -291,7 +299,8 @@ def estimated_bytes(layout: StoreLayout) -> int:
     strings = sum(len(text.encode()) + 16 for text in (*layout.paths, *layout.fingerprints, *layout.modules))
     strings += sum(len(text.encode()) + 16 for text in layout.carried)
     tables = 8 * (c + 4 * m + 2)
-    return deltas + 2 * strings + tables + 20 * 64 * 1024 + 2**20
+    gram = 8 * m * c * (layout.k + 2)
+    return deltas + gram + 2 * strings + tables + 20 * 64 * 1024 + 2**20
 
 
 class StoreWriter:
@@ -306,7 +315,7 @@ class StoreWriter:
         self.path = Path(path)
         self.layout = layout
         self.partial = partial_path(self.path)
-        self._written: set[tuple[DeltaKind, int]] = set()
+        self._written: set[tuple[str, int]] = set()
         self.partial.unlink(missing_ok=True)
         self._file = h5py.File(self.partial, "w")
         try:
@@ -369,6 +378,7 @@ class StoreWriter:
             group.create_dataset("sigma", shape=(c, m), dtype=np.float32, fillvalue=fill)
             group.create_dataset("u", shape=(c, total_out), dtype=np.float32, fillvalue=fill)
             group.create_dataset("v", shape=(c, total_in), dtype=np.float32, fillvalue=fill)
+        file.create_dataset(GRAM, shape=(m, c, layout.k + 2), dtype=np.float64, fillvalue=np.nan)
 
     def write_module(self, kind: DeltaKind, index: int, rows: DeltaArrays) -> None:
         """Write module ``index``'s rows of one kind: ``sigma (C,)``, ``u (C, out)``, ``v (C, in)``."""
@@ -387,11 +397,19 @@ class StoreWriter:
         group["v"][:, int(v_offset[index]) : int(v_offset[index + 1])] = np.asarray(rows.v, dtype=np.float32)
         self._written.add((kind, index))
 
+    def write_gram(self, index: int, band: np.ndarray) -> None:
+        """Write module ``index``'s Gram band ``(C, k+2)`` float64."""
+        expected = (len(self.layout.steps), self.layout.k + 2)
+        if band.shape != expected:
+            raise ValueError(f"{self.layout.modules[index]} gram: shape {band.shape}, expected {expected}")
+        self._file[GRAM][index] = np.asarray(band, dtype=np.float64)
+        self._written.add(("gram", index))
+
     def commit(self) -> None:
         """Check completeness, fsync the partial file and ``os.replace`` it over the store."""
         missing = [
             f"{kind}:{name}"
-            for kind in KINDS
+            for kind in (*KINDS, "gram")
             for index, name in enumerate(self.layout.modules)
             if (kind, index) not in self._written
         ]

@@ -126,10 +126,13 @@ def read_all(store_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.nda
 
 
 def assert_stores_close(a: Path, b: Path, *, atol: float = 1e-6) -> None:
+    """Every delta kind within ``atol``, and the same Gram band (kept entries are the ones computed)."""
     left, right = read_all(a), read_all(b)
     for kind in KINDS:
         for x, y in zip(left[kind], right[kind], strict=True):
             np.testing.assert_allclose(x, y, atol=atol, rtol=0, equal_nan=True, err_msg=kind)
+    with open_store(a) as first, open_store(b) as second:
+        np.testing.assert_allclose(first.gram(), second.gram(), rtol=1e-9, atol=0, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +234,11 @@ def test_append_computes_only_new_rows(
 
     assert second.rows_computed == {"global": 3, "local": 3, "target": 3}
     assert not second.rebuilt and second.written
-    # Reads: the new checkpoints, the last stored one (L of step 60) and the older ends of new targets.
-    assert second.steps_read == (40, 50, 60, 70, 80)
+    # Reads: the new checkpoints, the last stored one (L of step 60), the older ends of new targets,
+    # and the k+1 = 3 checkpoints before the first new one that its Gram band entries pair it with.
+    assert second.steps_read == (30, 40, 50, 60, 70, 80)
     assert sorted(loads) == sorted({(step, name) for step, name in loads})  # each tensor read once
-    assert {step for step, _ in loads} == {40, 50, 60, 70, 80}
+    assert {step for step, _ in loads} == {30, 40, 50, 60, 70, 80}
 
     after = read_all(store_path)
     for kind, rows in (("global", 5), ("local", 5), ("target", 3)):
@@ -341,6 +345,8 @@ def test_full_weight_run_matches_lora_run(short_run: DemoRun, tmp_path: Path) ->
     run_extract(select(short_run, tmp_path / "lora", steps), lora_store, k=2)
     assert summary.run_kind == "full" and summary.energy_ratio is None
     with open_store(full_store) as dense, open_store(lora_store) as lora:
+        # the Gram band from dense float32 deltas agrees with the one from the factors
+        np.testing.assert_allclose(dense.gram(), lora.gram(), rtol=1e-4, atol=1e-10, equal_nan=True)
         assert dense.modules == lora.modules  # embeddings, norms, lm_head did not change: not modules
         assert "model.embed_tokens.weight" in dense.carried and "model.norm.weight" in dense.carried
         assert (dense.ranks == 0).all() and dense.scaling_rule == "none"

@@ -186,6 +186,8 @@ def write_store(trajectory: Trajectory, path: Path) -> Path:
                 writer.write_module(
                     kind, j, DeltaArrays(arrays.sigma[:, j], arrays.u[:, us], arrays.v[:, vs])
                 )
+        for j in range(len(shapes)):  # no factors behind a synthetic trajectory: an empty band
+            writer.write_gram(j, np.full((len(trajectory.steps), trajectory.k + 2), np.nan))
         writer.commit()
     return path
 

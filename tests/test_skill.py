@@ -42,6 +42,11 @@ def test_inner_products_match_dense_float64() -> None:
     assert squared_norm(a) == pytest.approx(float(da.square().sum()), rel=1e-12)
     empty = LowRankFactors(torch.zeros(40, 0), torch.zeros(24, 0))
     assert inner(empty, a) == 0.0
+    tall = torch.randn(2500, 6, generator=g)  # more rows than one float64 block
+    factors = LowRankFactors(torch.randn(2500, 2, generator=g), torch.randn(6, 2, generator=g))
+    reference = factors.left.double() @ factors.right.double().T
+    assert inner(tall, factors) == pytest.approx(float((tall.double() * reference).sum()), rel=1e-12)
+    assert inner(tall, tall) == pytest.approx(float(tall.double().square().sum()), rel=1e-12)
 
 
 def _dense_run(run: Path, steps: tuple[int, ...]) -> tuple[list[dict[str, np.ndarray]], dict, float]:

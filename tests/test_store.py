@@ -60,10 +60,17 @@ def _random_rows(layout: StoreLayout, seed: int) -> dict[tuple[str, int], DeltaA
     return rows
 
 
+def _gram(layout: StoreLayout, j: int) -> np.ndarray:
+    """A distinct Gram band per module, ``(C, k+2)``."""
+    return np.arange(len(layout.steps) * (layout.k + 2), dtype=np.float64).reshape(-1, layout.k + 2) + j
+
+
 def _write(path: Path, layout: StoreLayout, rows: dict[tuple[str, int], DeltaArrays]) -> None:
     with store_lock(path), StoreWriter(path, layout) as writer:
         for (kind, j), arrays in rows.items():
             writer.write_module(kind, j, arrays)
+        for j in range(len(layout.modules)):
+            writer.write_gram(j, _gram(layout, j))
         writer.commit()
 
 
@@ -87,6 +94,9 @@ def test_round_trip_through_reader_and_plain_h5py(tmp_path: Path) -> None:
                 cols = slice(store.u_offset[j], store.u_offset[j + 1])
                 np.testing.assert_array_equal(whole.u[:, cols], rows[kind, j].u)
             assert whole.u.dtype == np.float32 and whole.u.shape == (4, 14) and whole.v.shape == (4, 16)
+        gram = store.gram()
+        assert gram is not None and gram.shape == (2, 4, 4)
+        np.testing.assert_array_equal(gram[1], _gram(LAYOUT, 1))
 
     # The schema exactly as documented, read with nothing but h5py.
     with h5py.File(path, "r") as f:
@@ -108,6 +118,7 @@ def test_round_trip_through_reader_and_plain_h5py(tmp_path: Path) -> None:
         for kind in KINDS:
             assert f[f"{kind}/sigma"].shape == (4, 2) and f[f"{kind}/sigma"].dtype == np.float32
         assert np.isnan(f["target/u"][2:]).all() and not np.isnan(f["target/u"][:2]).any()
+        assert f["consistency/gram"].shape == (2, 4, 4) and f["consistency/gram"].dtype == np.float64
 
 
 def test_fingerprint_tracks_identity_not_path(tmp_path: Path) -> None:

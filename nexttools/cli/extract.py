@@ -105,6 +105,15 @@ def summary_table(summary: ExtractSummary) -> Table:
         "rows computed",
         f"{state}global {computed['global']}, local {computed['local']}, target {computed['target']}",
     )
+    if summary.consistency is not None:
+        figures = summary.consistency
+        lags = "  ".join(f"{x:.2f}" for x in figures.overall_lag_cosine)
+        table.add_row("local-delta cosine by lag", f"{lags} (lag 1 … {figures.k}; a random walk: 0)")
+        table.add_row(
+            f"straightness over k={figures.k}",
+            f"{figures.overall_straightness:.3f} (a straight line: 1, a random walk: "
+            f"{figures.random_walk_straightness:.3f})",
+        )
     if summary.energy_ratio is None:
         table.add_row("rank-1 energy σ1/Σσᵢ", "n/a (full-weight run)")
     else:
