@@ -6,6 +6,7 @@ stdout is reserved for machine-readable output (``--json``), so everything human
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -56,4 +57,4 @@ def progress(*extra_columns: TextColumn) -> Progress:
 
 def warn(message: str) -> None:
     """Print a one-line warning on stderr."""
-    console.print(f"[yellow]warning:[/yellow] {message}", markup=True, soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, soft_wrap=True)

@@ -19,6 +19,7 @@ import sys
 from types import FrameType
 
 import click
+from rich.markup import escape
 
 from nexttools import __version__
 from nexttools.console import console
@@ -36,6 +37,7 @@ def cli() -> None:
     nexttools extract RUN [--base BASE]   checkpoints -> trajectory store
     nexttools fit                         store -> predictor + back-test
     nexttools backtest --eval-cmd CMD     what a jump is worth, scored by your eval
+    nexttools inspect [--plot FILE.png]   rank-1 energy, linearity and consistency of the run
     nexttools extrapolate --alpha 1.5     predictor + last checkpoint -> HF model
     nexttools push OUT REPO_ID            output folder -> Hugging Face Hub
     """
@@ -67,7 +69,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    console.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True, highlight=False)
+    # The message is the user's own text (paths, commands): never read as rich markup.
+    console.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True, highlight=False)
     sys.exit(code)
 
 
@@ -96,4 +99,4 @@ def main() -> None:
 
 
 # Subcommands register themselves on `cli`; imported last so that they can import it.
-from nexttools.cli import backtest, extract, extrapolate, fit, push  # noqa: E402, F401
+from nexttools.cli import backtest, extract, extrapolate, fit, inspect, push  # noqa: E402, F401

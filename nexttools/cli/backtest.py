@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from nexttools.advisor import DEFAULT_ALPHAS, BacktestOptions, Verdict, backtest
@@ -80,13 +81,13 @@ def backtest_command(
     console.print(_real_table(verdict))
     console.print(_jump_table(verdict))
     for name, reason in verdict.skipped.items():
-        console.print(f"{name}: not tried ({reason})", soft_wrap=True)
+        console.print(f"{name}: not tried ({escape(reason)})", soft_wrap=True)
     if verdict.recommendation is None:
-        console.print(f"[bold]do not extrapolate this run[/bold]: {verdict.reason}.", soft_wrap=True)
+        console.print(f"[bold]do not extrapolate this run[/bold]: {escape(verdict.reason)}.", soft_wrap=True)
     else:
         method, alpha = verdict.recommendation
         console.print(
-            f"[bold]recommendation: --method {method} --alpha {alpha:g}[/bold]: {verdict.reason}.",
+            f"[bold]recommendation: --method {method} --alpha {alpha:g}[/bold]: {escape(verdict.reason)}.",
             soft_wrap=True,
         )
     console.print(
