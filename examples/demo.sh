@@ -7,11 +7,17 @@ NT=.venv/bin/nexttools
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore::FutureWarning
 rm -rf demo-run
 echo "== building the example run: tiny Llama base + 15 PEFT checkpoints (TRL layout) in demo-run/"
+echo "   (and the trajectory at step 200, the reference of the toy eval below)"
 .venv/bin/python -m examples.demo_run demo-run
 echo "== nexttools extract"
 $NT extract demo-run/run --base demo-run/base --workdir demo-run/work
 echo "== nexttools fit"
 $NT fit --workdir demo-run/work
+echo "== nexttools backtest: jump from step 100, score with a toy eval (closeness to the run at step 200)"
+$NT backtest --workdir demo-run/work \
+    --eval-cmd ".venv/bin/python examples/toy_eval.py {model} demo-run/future.safetensors"
+echo "== nexttools inspect --plot (the paper's §3 analysis on this run)"
+$NT inspect --workdir demo-run/work --plot demo-run/work/inspect.png
 echo "== nexttools extrapolate --alpha 1.5 (merged HF model)"
 $NT extrapolate --alpha 1.5 --workdir demo-run/work
 echo "== nexttools extrapolate --alpha 1.5 --format base (a new base: resume the run's own checkpoint on it, in place)"

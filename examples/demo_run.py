@@ -11,7 +11,7 @@ invertible matrix per checkpoint, because LoRA factors are never unique (B A = (
 
 Used by ``make demo``, the tests and the benchmarks::
 
-    python -m examples.demo_run OUT_DIR            # OUT_DIR/base and OUT_DIR/run
+    python -m examples.demo_run OUT_DIR            # OUT_DIR/base, OUT_DIR/run, OUT_DIR/future.safetensors
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+DEMO_FUTURE_STEP = 200
+"""The step at which the demo writes the run's own future, the reference of its toy eval."""
 VOCAB = [chr(c) for c in range(32, 127)]  # printable ASCII, one token per character
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -242,5 +244,6 @@ def save_merged_modules(
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m examples.demo_run OUT_DIR")
-    built = build_demo_run(Path(sys.argv[1]))
+    built = build_demo_run(Path(sys.argv[1]), future_step=DEMO_FUTURE_STEP)
     print(f"base: {built.base}\nrun:  {built.run} ({len(built.steps)} checkpoints)")
+    print(f"future: {built.base.parent / 'future.safetensors'} (the run at step {DEMO_FUTURE_STEP})")
