@@ -63,12 +63,17 @@ def train_grpo(
     seed: int,
     settings: GrpoSettings,
     adapter_dir: Path | None = None,
+    resume_from: Path | None = None,
 ) -> None:
     """Run ``steps`` GRPO steps from ``model_dir`` and write ``out_dir/checkpoint-N`` every ``save_every``.
 
     Args:
         model_dir: HF model folder (fp32) the run starts from; a fresh LoRA is put on it unless
             ``adapter_dir`` is given, in which case that PEFT adapter is loaded trainable and trained on.
+        steps: the run's last global step (with ``resume_from``, counted from the run's start).
+        resume_from: an HF Trainer ``checkpoint-N/`` to resume **in place**: its adapter, optimizer,
+            scheduler, RNG and data position, on top of ``model_dir`` (the run's base, or a new base
+            written by ``nexttools extrapolate --format base``); new checkpoints go to ``out_dir``.
         problems: the RL prompt pool (never the held-out set); shuffled by the trainer with ``seed``.
     """
     from datasets import Dataset
@@ -129,4 +134,4 @@ def train_grpo(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)

@@ -1,4 +1,4 @@
-"""Step 3: ``nexttools extract / fit / extrapolate``, run as a user types them (subprocesses of the CLI).
+"""Step 3: ``nexttools extract / fit / backtest / extrapolate``, run as a user types them (subprocesses).
 
 Every command line is appended to ``<workdir>/commands.sh`` so the README can show exactly what ran.
 Nothing here imports nexttools: the example exercises the installed command, not the library.
@@ -69,4 +69,14 @@ def extrapolate(workdir: Path, *, alpha: float, method: str, output_format: str,
         "--out",
         str(out),
     ]
+    return run_nexttools(args, workdir / "commands.sh")
+
+
+def backtest(workdir: Path, eval_cmd: str, *, alphas: list[float], methods: list[str]) -> dict:
+    """``nexttools backtest --eval-cmd CMD --workdir W [--alpha A ...] [--method M ...]``: the advisor."""
+    args = ["backtest", "--workdir", str(workdir), "--eval-cmd", eval_cmd]
+    for alpha in alphas:
+        args += ["--alpha", f"{alpha:g}"]
+    for method in methods:
+        args += ["--method", method]
     return run_nexttools(args, workdir / "commands.sh")

@@ -40,11 +40,15 @@ def pretrain(
     learning_rate: float = 3e-3,
     max_steps: int = 3000,
     eval_every: int = 10,
+    noisy_last_digit: float = 0.0,
     seed: int = 0,
 ) -> PretrainResult:
     """Build, SFT and ``save_pretrained`` the start model (fp32, with tokenizer) into ``out``.
 
     Stops at the first evaluation whose validation accuracy is >= ``target`` (or at ``max_steps``).
+    With ``noisy_last_digit`` p, each training answer's last digit is replaced, with probability p and
+    afresh at every batch, by a uniformly random digit: the model learns to hedge on it (the
+    "sharpening" start of :mod:`examples.trl_grpo.regime`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,7 +73,14 @@ def pretrain(
     while step < max_steps:
         model.train()
         index = torch.randint(0, len(pool), (batch_size,), generator=generator)
-        loss = model(input_ids=sequences[index], labels=labels[index]).loss
+        batch = sequences[index].clone()
+        if noisy_last_digit > 0:
+            noisy = torch.rand(batch_size, generator=generator) < noisy_last_digit
+            digits = torch.randint(0, 10, (batch_size,), generator=generator)
+            batch[noisy, -2] = torch.tensor(tokenizer.convert_tokens_to_ids([str(d) for d in range(10)]))[
+                digits[noisy]
+            ]
+        loss = model(input_ids=batch, labels=torch.where(labels[index] == -100, -100, batch)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
