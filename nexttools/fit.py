@@ -1,21 +1,26 @@
 """``nexttools fit``: train the NExt predictor on a trajectory store, back-test it, save it.
 
 Flow: read the store (all three delta kinds), refuse what cannot be fitted, hold out the last
-``holdout`` target rows, train on the rest and score every registered method
-(:data:`nexttools.methods.METHODS`) that the store alone can back-test on the held-out rows, then
-train again on every target row (unless ``refit=False``) and save the predictor as
-``<workdir>/predictor.safetensors`` + ``<workdir>/predictor.json``.
+``holdout`` target rows, train on the rest and back-test every registered method
+(:data:`nexttools.methods.METHODS`) on the held-out rows, then train again on every target row
+(unless ``refit=False``) and save the predictor as ``<workdir>/predictor.safetensors`` +
+``<workdir>/predictor.json`` (with the back-test, and ``nexttools backtest``'s verdict if any).
 
 Training samples are the (module, row) pairs with a non-zero global delta and a non-zero target
 (zero deltas, untouched modules and the NaN target tail never enter training).
 
-**Back-test figures.** For a held-out row r and a module j whose true target has σ > 0, the cosine
-between predicted and true target deltas as matrices is ⟨σ̂ûv̂ᵀ, σuvᵀ⟩_F / (‖·‖‖·‖) = (û·u)(v̂·v)
-(signs included; 0 when a method predicts nothing), and the σ error is |σ̂ − σ| / σ. Per module kind
-and overall, both are means over the (module, row) pairs weighted by the true σ: a module whose
-target barely moves must not count as much as one that moves a lot, and the weighted σ error is
-Σ|σ̂ − σ| / Σσ, the relative error of the total movement. The winner has the highest overall cosine
-(direction is what extrapolation needs; the step length is tuned with α).
+**Back-test figures, headline: the full-space skill** (:mod:`nexttools.skill`): every method jumps
+from each held-out checkpoint as it is applied and is scored against the whole true change, S at
+``alpha`` and α*, from the run's files; the winner has the highest overall S. When the run's files
+cannot be opened, the store's rank-1 figures decide instead (with a warning).
+
+**Rank-1 figures** (the store alone). For a held-out row r and a module j whose true target has
+σ > 0, the cosine between predicted and true target deltas as matrices is ⟨σ̂ûv̂ᵀ, σuvᵀ⟩_F /
+(‖·‖‖·‖) = (û·u)(v̂·v) (signs included; 0 when a method predicts nothing), and the σ error is
+|σ̂ − σ| / σ. Per module kind and overall, both are means over the (module, row) pairs weighted by
+the true σ: a module whose target barely moves must not count as much as one that moves a lot,
+and the weighted σ error is Σ|σ̂ − σ| / Σσ, the relative error of the total movement. They did not
+predict a jump's worth (README, "Back-test"), which is why S leads.
 
 The default architecture and training settings, and the back-test figures that chose them, are in
 :mod:`nexttools.predictor`'s docstring.
