@@ -128,10 +128,10 @@ def arm_metrics(document: dict, arm: Arm) -> dict:
         pairs = [(p[1], _at(baseline, p[0])[0]) for p in curve if p[0] > prefix]
         paired_end = sampled - _at(baseline, end)[0]
         paired_mean = statistics.fmean(a - b for a, b in pairs)
-    worth = None
+    worth = predicted_steps = None
     for result in document.get("backtest", {}).get("results", []):
         if result["method"] == arm.method and result["alpha"] == arm.alpha:
-            worth = result["worth"]
+            worth, predicted_steps = result["worth"], result["steps_worth"]
     return {
         "after_jump": _at(curve, prefix)[0],
         "avg8": sampled,
@@ -142,7 +142,34 @@ def arm_metrics(document: dict, arm: Arm) -> dict:
         "paired_end": paired_end,
         "paired_mean": paired_mean,
         "predicted_worth": worth,
+        "predicted_steps": predicted_steps,
+        "measured_steps": matched - end,
     }
+
+
+def rank_correlation(x: list[float], y: list[float]) -> float | None:
+    """Spearman's ρ (ties get their mean rank); None with fewer than 3 pairs."""
+    if len(x) < 3:
+        return None
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for n in range(i, j + 1):
+                out[order[n]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    scale = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / scale if scale > 0 else None
 
 
 def _spread(values: list[float | None]) -> dict[str, float | None]:
@@ -172,15 +199,28 @@ def write_report(documents: list[dict], arms: list[Arm], folder: Path) -> dict:
         f"vanilla@{s}": _spread([_at(d["curves"]["vanilla"], s)[0] for d in documents])
         for s in (15 * every, 25 * every, 40 * every)
     }
-    advisor = [
-        {
-            "seed": d["seed"],
-            "recommendation": d["backtest"]["recommendation"],
-            "reason": d["backtest"]["reason"],
-        }
-        for d in documents
-        if "backtest" in d
-    ]
+    advisor = []
+    for d in documents:
+        if "backtest" not in d:
+            continue
+        pairs = [
+            (m["predicted_steps"], m["measured_steps"])
+            for arm in arms
+            if arm.protocol == "in-place" and arm.name in d["curves"]
+            for m in [arm_metrics(d, arm)]
+            if m["predicted_steps"] is not None
+        ]
+        advisor.append(
+            {
+                "seed": d["seed"],
+                "recommendation": d["backtest"]["recommendation"],
+                "reason": d["backtest"]["reason"],
+                "spearman_predicted_vs_measured_steps": rank_correlation(
+                    [a for a, _ in pairs], [b for _, b in pairs]
+                ),
+                "pairs": len(pairs),
+            }
+        )
     summary = {
         "regime": first["regime"],
         "budget": first["budget"],
@@ -217,10 +257,13 @@ def markdown(summary: dict) -> str:
     ]
     for name, value in summary["vanilla"].items():
         lines.append(f"| {name} | | {_fmt(value)} | | | | | |")
+    seeds = len(summary["seeds"])
     for name, row in summary["arms"].items():
         bound = "≥ " if row["lower_bound"] else ""
+        count = row["avg8"]["n"]
+        label = name if count == seeds else f"{name} ({count} of {seeds} seeds)"
         lines.append(
-            f"| {name} | {_fmt(row['after_jump'])} | {_fmt(row['avg8'])} | {_fmt(row['greedy'])} "
+            f"| {label} | {_fmt(row['after_jump'])} | {_fmt(row['avg8'])} | {_fmt(row['greedy'])} "
             f"| {bound}{_fmt(row['steps_to_match'], percent=False)} | {_fmt(row['saving'])} "
             f"| {_fmt(row['paired_end'])} / {_fmt(row['paired_mean'])} "
             f"| {_fmt(row['predicted_worth'], percent=False)} |"
@@ -229,7 +272,13 @@ def markdown(summary: dict) -> str:
     for call in summary["advisor"]:
         chosen = call["recommendation"]
         verdict = "do not extrapolate" if chosen is None else f"{chosen['method']} at α={chosen['alpha']:g}"
-        lines.append(f"- advisor, seed {call['seed']}: {verdict} ({call['reason']})")
+        rho = call["spearman_predicted_vs_measured_steps"]
+        agreement = (
+            ""
+            if rho is None
+            else f"; Spearman ρ(predicted, measured steps) = {rho:.2f} over {call['pairs']} arms"
+        )
+        lines.append(f"- advisor, seed {call['seed']}: {verdict} ({call['reason']}){agreement}")
     return "\n".join(lines)
 
 
