@@ -53,7 +53,7 @@ class ScoreCache:
                 loaded = json.loads(self.path.read_text())
             except ValueError:
                 loaded = None
-            if not isinstance(loaded, dict):
+            if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
                 raise UserError(f"{self.path} is not a score cache; remove it to start afresh")
             self._document = loaded
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from nexttools.consistency import Consistency, consistency
+from nexttools.console import warn
+from nexttools.errors import UserError
 from nexttools.lowrank import energy_ratio
 from nexttools.run import OpenedRun
 from nexttools.saved_predictor import recorded_backtest
@@ -108,7 +110,7 @@ def inspect(workdir: Path, store_path: Path | None = None) -> Inspection:
     path = Path(store_path) if store_path is not None else Path(workdir) / STORE_FILE
     with open_store(path) as store:
         trajectory = Trajectory.from_store(store)
-        energy = _energy(store) if store.run_kind == "lora" else None
+        energy = _energy(store) if store.run_kind == "lora" else None  # None: full weights or files gone
         gram = store.gram()
         recorded = recorded_backtest(Path(workdir), store)
     kinds = [module_kind(name) for name in trajectory.modules]
@@ -138,14 +140,19 @@ def inspect(workdir: Path, store_path: Path | None = None) -> Inspection:
     )
 
 
-def _energy(store: TrajectoryStore) -> np.ndarray:
-    """σ₁/Σσᵢ of every module's ΔW at every checkpoint ``(C, M)``, from the verified LoRA factors."""
-    run = OpenedRun(store)
-    out = np.full((run.rows, len(run.modules)), np.nan)
-    for row in range(run.rows):
-        adapter = run.adapter(row)
-        for j, name in enumerate(run.modules):
-            out[row, j] = energy_ratio(adapter.factors(name))
+def _energy(store: TrajectoryStore) -> np.ndarray | None:
+    """σ₁/Σσᵢ of every module's ΔW at every checkpoint ``(C, M)``, from the verified LoRA factors;
+    None (with a warning) when the run's files are gone or changed: the rest needs only the store."""
+    try:
+        run = OpenedRun(store)
+        out = np.full((run.rows, len(run.modules)), np.nan)
+        for row in range(run.rows):
+            adapter = run.adapter(row)
+            for j, name in enumerate(run.modules):
+                out[row, j] = energy_ratio(adapter.factors(name))
+    except UserError as error:
+        warn(f"no energy ratio: it needs the run's LoRA checkpoints ({error})")
+        return None
     return out
 
 

@@ -98,3 +98,21 @@ def test_plot_without_matplotlib_says_how_to_install_it(
     code, _, err = invoke(["inspect", "--workdir", str(workdir), "--plot", str(png)], capsys, monkeypatch)
     assert_one_line_error(code, err, "--plot needs matplotlib", "pip install 'nexttools[plots]'")
     assert not png.exists()
+
+
+def test_without_the_checkpoints_inspect_still_shows_the_store_figures(
+    demo_run: DemoRun,
+    tmp_path: Path,
+    capsys,
+    monkeypatch,
+) -> None:
+    import shutil
+
+    run = shutil.copytree(demo_run.run, tmp_path / "run")
+    extract(ExtractOptions(run=run, base=str(demo_run.base), workdir=tmp_path / "wd", k=3, device="cpu"))
+    shutil.rmtree(run / f"checkpoint-{demo_run.steps[0]}")
+    code, out, err = invoke(["inspect", "--workdir", str(tmp_path / "wd"), "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "no energy ratio: it needs the run's LoRA checkpoints" in err
+    document = json.loads(out)
+    assert document["energy_ratio"] is None and document["consistency"]["straightness"] is not None
