@@ -18,6 +18,7 @@ $NT backtest --workdir demo-run/work \
     --eval-cmd ".venv/bin/python examples/toy_eval.py {model} demo-run/future.safetensors"
 echo "== nexttools inspect --plot (the paper's §3 analysis on this run)"
 $NT inspect --workdir demo-run/work --plot demo-run/work/inspect.png
+echo "== the demo extrapolates anyway, to show every output format: extrapolate repeats the verdict as a warning"
 echo "== nexttools extrapolate --alpha 1.5 (merged HF model)"
 $NT extrapolate --alpha 1.5 --workdir demo-run/work
 echo "== nexttools extrapolate --alpha 1.5 --format base (a new base: resume the run's own checkpoint on it, in place)"
