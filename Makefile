@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench example lint clean
+.PHONY: install demo test test-lowest bench example lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,22 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check nexttools tests benchmarks examples
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
+
+# The tests against the lowest versions pyproject.toml declares (.ci/lowest_constraints.py), in their
+# own venv; torch stays at the development pin.
+LOWEST_VENV := .venv-lowest
+LOWEST_STAMP := $(LOWEST_VENV)/.installed
+
+$(LOWEST_STAMP): pyproject.toml .ci/lowest_constraints.py
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LOWEST_VENV)/bin/python .ci/lowest_constraints.py > $(LOWEST_VENV)/constraints.txt
+	$(LOWEST_VENV)/bin/python -m pip install -q -c $(LOWEST_VENV)/constraints.txt -e '.[test]'
+	touch $(LOWEST_STAMP)
+
+test-lowest: $(LOWEST_STAMP)
+	$(LOWEST_VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
@@ -50,4 +66,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check nexttools tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) $(EXAMPLE_VENV) demo-run nexttools-run trl-grpo-run trl-inplace .pytest_cache
+	rm -rf $(VENV) $(EXAMPLE_VENV) $(LOWEST_VENV) demo-run nexttools-run trl-grpo-run trl-inplace .pytest_cache

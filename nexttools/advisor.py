@@ -22,6 +22,7 @@ The verdict is saved as ``<workdir>/backtest.json`` (tied to the store's fingerp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from nexttools.errors import UserError
 from nexttools.evaluation import ScoreCache, check_command, model_fingerprint, run_eval
 from nexttools.fit import train_predictor
 from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
+from nexttools.options import device_option, option, store_option, workdir_option
 from nexttools.outputs import OutputRequest, get_output
 from nexttools.predictor import (
     DEFAULT_DEPTH,
@@ -48,9 +50,10 @@ from nexttools.predictor import (
 )
 from nexttools.run import OpenedRun
 from nexttools.saved_predictor import read_config
-from nexttools.store import STORE_FILE, TrajectoryStore, open_store
+from nexttools.store import TrajectoryStore, open_store
 from nexttools.trajectory import Trajectory
 from nexttools.verdict import MIN_WORTH, save_verdict
+from nexttools.workdir import Workdir
 from nexttools.worth import RealCurve
 
 DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -62,13 +65,20 @@ class BacktestOptions:
     """Inputs of :func:`backtest`. ``origin`` is a checkpoint's *step* (None: k checkpoints before the
     last); ``methods`` empty means every registered one; ``device`` as for ``fit``."""
 
-    eval_cmd: str
-    workdir: Path = Path("nexttools-run")
-    store: Path | None = None
-    origin: int | None = None
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    methods: tuple[str, ...] = ()
-    device: str = "auto"
+    eval_cmd: str = option(
+        dataclasses.MISSING,
+        "Shell command that scores the model folder {model} (higher is better) on its last stdout line.",
+    )
+    workdir: Path = workdir_option()
+    store: Path | None = store_option()
+    origin: int | None = option(
+        None, "Step of the checkpoint to jump from [default: k checkpoints before the last].", kind="step"
+    )
+    alphas: tuple[float, ...] = option(DEFAULT_ALPHAS, "α to try (repeat the option).", flag="--alpha")
+    methods: tuple[str, ...] = option(
+        (), "Method to try (repeat the option) [default: every one].", flag="--method", choices=tuple(METHODS)
+    )
+    device: str = device_option()
 
 
 @dataclass(frozen=True)
@@ -145,9 +155,7 @@ def backtest(options: BacktestOptions) -> Verdict:
         raise UserError("--alpha values must be finite and > 0")
     methods = [get_method(name) for name in options.methods] if options.methods else list(METHODS.values())
     workdir = Path(options.workdir)
-    store_path = Path(options.store) if options.store is not None else workdir / STORE_FILE
-    if not store_path.is_file():
-        raise UserError(f"no trajectory store at {store_path}: run `nexttools extract` first")
+    store_path = Workdir(workdir, options.store).existing_store()
     with open_store(store_path) as store:
         verdict = _backtest(options, store, methods)
         save_verdict(workdir, store, {**verdict.document(), "eval_cmd": options.eval_cmd})
@@ -215,19 +223,16 @@ def _refit(
     rows = np.arange(o - trajectory.k + 1)
     if len(rows) == 0:
         return None, f"the predictor needs k+1 = {trajectory.k + 1} checkpoints up to the origin to train on"
-    config = read_config(Path(options.workdir)) or {}
-    training = config.get("training", {})
-    architecture = Architecture(
-        **config.get("architecture", {"width": DEFAULT_WIDTH, "depth": DEFAULT_DEPTH})
-    )
+    config = read_config(Path(options.workdir))
+    architecture = config.architecture if config else Architecture(DEFAULT_WIDTH, DEFAULT_DEPTH)
     try:
         predictor, _ = train_predictor(
             trajectory,
             rows,
             architecture=architecture,
-            epochs=int(training.get("epochs", DEFAULT_EPOCHS)),
-            lr=float(training.get("lr", DEFAULT_LR)),
-            seed=int(training.get("seed", 0)),
+            epochs=config.training.epochs if config else DEFAULT_EPOCHS,
+            lr=config.training.lr if config else DEFAULT_LR,
+            seed=config.training.seed if config else 0,
             device=resolve_device(options.device),
             label="refit to the origin",
         )

@@ -25,6 +25,7 @@ from huggingface_hub.repocard import metadata_load
 
 from nexttools.console import warn
 from nexttools.errors import UserError
+from nexttools.manifest import Manifest
 from nexttools.methods import METHODS
 from nexttools.outputs import get_output
 
@@ -50,7 +51,7 @@ KIND_TEXT = {
 _TOKEN_PATTERNS = (re.compile(r"(--token[= ])\S+"), re.compile(r"\bhf_[A-Za-z0-9]{8,}\b"))
 
 
-def write_model_card(folder: Path, manifest: dict, *, repo_id: str | None = None) -> Path:
+def write_model_card(folder: Path, manifest: Manifest, *, repo_id: str | None = None) -> Path:
     """Write ``folder/README.md`` for the output described by ``manifest`` and return its path.
 
     Written to a temporary file and renamed into place, so a reader never sees half a card.
@@ -64,29 +65,29 @@ def write_model_card(folder: Path, manifest: dict, *, repo_id: str | None = None
     return path
 
 
-def render_model_card(folder: Path, manifest: dict, *, repo_id: str | None = None) -> str:
+def render_model_card(folder: Path, manifest: Manifest, *, repo_id: str | None = None) -> str:
     """The full card text: ``---`` YAML front matter ``---`` followed by the Markdown body."""
     front_matter = card_data(manifest).to_yaml()
     body = _body(Path(folder), manifest, repo_id)
     return f"---\n{front_matter}\n---\n\n{body}"
 
 
-def card_data(manifest: dict) -> ModelCardData:
+def card_data(manifest: Manifest) -> ModelCardData:
     """The Hub metadata of the output.
 
     ``base_model_relation`` is ``adapter`` for a PEFT output and ``finetune`` for merged weights (the
     Hub's ``merge`` means a merge of several models, which this is not).
     """
-    base = manifest["base"]
-    adapter = manifest.get("weights", manifest["format"]) == "adapter"
-    tags = ["nexttools", "rlvr", "extrapolation", manifest["method"]]
+    base = manifest.base
+    adapter = manifest.weights == "adapter"
+    tags = ["nexttools", "rlvr", "extrapolation", manifest.method]
     if adapter:
         tags.append("lora")
-    license_fields = _base_license(base.get("path"))
+    license_fields = _base_license(base.path)
     return ModelCardData(
-        base_model=base.get("id") or None,
-        base_model_relation=("adapter" if adapter else "finetune") if base.get("id") else None,
-        library_name=manifest["library_name"],
+        base_model=base.id or None,
+        base_model_relation=("adapter" if adapter else "finetune") if base.id else None,
+        library_name=manifest.library_name,
         tags=tags,
         license=license_fields.get("license"),
         license_name=license_fields.get("license_name"),
@@ -113,8 +114,8 @@ def _base_license(base_path: str | None) -> dict[str, str]:
     return {key: str(value) for key, value in fields.items()}
 
 
-def _body(folder: Path, manifest: dict, repo_id: str | None) -> str:
-    title = repo_id.split("/")[-1] if repo_id else f"{_base_name(manifest)}, extrapolated"
+def _body(folder: Path, manifest: Manifest, repo_id: str | None) -> str:
+    title = repo_id.split("/")[-1] if repo_id else f"{manifest.base_name}, extrapolated"
     target = repo_id or LOCAL_PLACEHOLDER
     sections = [
         f"# {title}\n",
@@ -128,20 +129,16 @@ def _body(folder: Path, manifest: dict, repo_id: str | None) -> str:
     return "\n".join(section for section in sections if section)
 
 
-def _steps(manifest: dict) -> list[int]:
-    return [int(entry["step"]) for entry in manifest["checkpoints"]]
-
-
-def _steps_ahead(manifest: dict) -> float | None:
+def _steps_ahead(manifest: Manifest) -> float | None:
     """How many training steps the jump α·T̂ stands for: α times the steps spanned by k checkpoints.
 
     T̂ predicts the change over the next k checkpoints, so with checkpoints every Δ steps the output
     sits about α·k·Δ steps past the last checkpoint. Δ is measured on the last k intervals (or all of
     them when the run is shorter); None when there is a single checkpoint.
     """
-    steps, k, alpha = _steps(manifest), int(manifest["k"]), float(manifest["alpha"])
-    if manifest.get("target_step") is not None:
-        return float(manifest["target_step"]) - steps[-1]
+    steps, k, alpha = manifest.steps, manifest.k, manifest.alpha
+    if manifest.target_step is not None:
+        return manifest.target_step - steps[-1]
     if len(steps) > k:
         return alpha * (steps[-1] - steps[-1 - k])
     if len(steps) >= 2:
@@ -149,35 +146,30 @@ def _steps_ahead(manifest: dict) -> float | None:
     return None
 
 
-def _base_name(manifest: dict) -> str:
-    base = manifest["base"]
-    return base.get("id") or Path(base["path"]).name
+def _base_link(manifest: Manifest) -> str:
+    base = manifest.base
+    if base.id:
+        return f"[{base.id}](https://huggingface.co/{base.id})"
+    return f"`{Path(base.path).name}` (a local model)"
 
 
-def _base_link(manifest: dict) -> str:
-    base = manifest["base"]
-    if base.get("id"):
-        return f"[{base['id']}](https://huggingface.co/{base['id']})"
-    return f"`{Path(base['path']).name}` (a local model)"
-
-
-def _run_name(manifest: dict) -> str:
-    paths = [str(entry["path"]) for entry in manifest["checkpoints"]]
+def _run_name(manifest: Manifest) -> str:
+    paths = [entry.path for entry in manifest.checkpoints]
     if len(paths) == 1:
         return Path(paths[0]).parent.name
     return Path(os.path.commonpath(paths)).name
 
 
-def _summary(manifest: dict) -> str:
-    steps = _steps(manifest)
-    alpha, k, method = float(manifest["alpha"]), int(manifest["k"]), manifest["method"]
+def _summary(manifest: Manifest) -> str:
+    steps = manifest.steps
+    alpha, k, method = manifest.alpha, manifest.k, manifest.method
     ahead = _steps_ahead(manifest)
     where = (
         f"so it stands at about step {steps[-1] + ahead:.0f} of the same run ({ahead:.0f} steps ahead)"
         if ahead is not None
         else f"that is, {alpha:g} × {k} checkpoints ahead"
     )
-    kind = KIND_TEXT.get(manifest["format"], "a model")
+    kind = KIND_TEXT.get(manifest.format, "a model")
     return (
         f"This is {kind} made by [nexttools](https://pypi.org/project/nexttools/): "
         f"{_base_link(manifest)} after {steps[-1]} steps of an RL run (`{_run_name(manifest)}`), "
@@ -189,15 +181,15 @@ def _summary(manifest: dict) -> str:
     )
 
 
-def _facts_table(manifest: dict) -> str:
-    steps = _steps(manifest)
-    alpha, k = float(manifest["alpha"]), int(manifest["k"])
+def _facts_table(manifest: Manifest) -> str:
+    steps = manifest.steps
+    alpha, k = manifest.alpha, manifest.k
     ahead = _steps_ahead(manifest)
     alpha_text = f"{alpha:g}" + (f" (≈ {ahead:.0f} steps past step {steps[-1]})" if ahead is not None else "")
     k_text = f"{k} checkpoints" + (f" (≈ {ahead / alpha:.0f} steps)" if ahead is not None and alpha else "")
-    output = f"`{manifest['format']}`: {_output_summary(manifest['format'])}, {manifest['dtype']}"
-    method = manifest["method"]
-    kind = {"lora": "LoRA ", "full": "full-weight "}.get(manifest.get("run_kind", ""), "")
+    output = f"`{manifest.format}`: {_output_summary(manifest.format)}, {manifest.dtype}"
+    method = manifest.method
+    kind = {"lora": "LoRA ", "full": "full-weight "}.get(manifest.run_kind or "", "")
     rows = [
         ("Base model", _base_link(manifest)),
         (
@@ -208,23 +200,22 @@ def _facts_table(manifest: dict) -> str:
         ("α (extending coefficient)", alpha_text),
         ("k (horizon)", k_text),
         ("Output", output),
-        ("nexttools", str(manifest.get("nexttools_version", "unknown"))),
+        ("nexttools", manifest.nexttools_version or "unknown"),
     ]
     lines = ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
     return "\n".join(lines) + "\n"
 
 
-def _backtest_section(manifest: dict) -> str:
+def _backtest_section(manifest: Manifest) -> str:
     header = "## Back-test\n"
     parts = [header]
-    verdict = manifest.get("verdict")
-    if isinstance(verdict, dict):
-        parts.append(_verdict_text(verdict, manifest))
-    backtest = manifest.get("backtest")
+    if manifest.verdict is not None:
+        parts.append(_verdict_text(manifest.verdict, manifest))
+    backtest = manifest.backtest
     if not backtest or not backtest.get("methods"):
-        method = METHODS.get(manifest["method"])
+        method = METHODS.get(manifest.method)
         reason = (
-            f"`{manifest['method']}` needs no predictor"
+            f"`{manifest.method}` needs no predictor"
             if method is not None and not method.needs_predictor
             else "`nexttools fit` recorded none for this output"
         )
@@ -271,10 +262,10 @@ def _backtest_section(manifest: dict) -> str:
         parts.append(_by_module_kind("Skill S", {n: (f or {}).get("skill", {}) for n, f in skill.items()}))
     else:
         parts.append(_by_module_kind("Cosine", {n: f.get("cosine", {}) for n, f in methods.items()}))
-    if winner and winner != manifest["method"]:
+    if winner and winner != manifest.method:
         parts.append(
             f"\nNote: the back-test favoured `{winner}`, but this model was written with "
-            f"`{manifest['method']}`.\n"
+            f"`{manifest.method}`.\n"
         )
     return "".join(parts)
 
@@ -295,7 +286,7 @@ def _by_module_kind(figure: str, by_method: dict[str, dict[str, Any]]) -> str:
     return f"\n{figure} by module type:\n\n" + "\n".join(table) + "\n"
 
 
-def _verdict_text(verdict: dict, manifest: dict) -> str:
+def _verdict_text(verdict: dict, manifest: Manifest) -> str:
     """The ``nexttools backtest`` verdict: the recommendation and this output's own worth."""
     recommendation = verdict.get("recommendation")
     if recommendation:
@@ -309,7 +300,7 @@ def _verdict_text(verdict: dict, manifest: dict) -> str:
         (
             r
             for r in verdict.get("results", [])
-            if r.get("method") == manifest.get("method") and r.get("alpha") == manifest.get("alpha")
+            if r.get("method") == manifest.method and r.get("alpha") == manifest.alpha
         ),
         None,
     )
@@ -332,12 +323,12 @@ def _output_summary(name: str) -> str:
         return name
 
 
-def _loading_section(folder: Path, manifest: dict, target: str) -> str:
-    return f"## How to load\n\n{get_output(manifest['format']).load_text(manifest, target)}"
+def _loading_section(folder: Path, manifest: Manifest, target: str) -> str:
+    return f"## How to load\n\n{get_output(manifest.format).load_text(manifest, target)}"
 
 
-def _resume_section(manifest: dict, target: str, *, pushed: bool) -> str:
-    last = _steps(manifest)[-1]
+def _resume_section(manifest: Manifest, target: str, *, pushed: bool) -> str:
+    last = manifest.steps[-1]
     ahead = _steps_ahead(manifest)
     where = (
         f"The weights stand at about step {last + ahead:.0f}, {ahead:.0f} steps past the last checkpoint "
@@ -352,16 +343,14 @@ def _resume_section(manifest: dict, target: str, *, pushed: bool) -> str:
     )
     return (
         f"## Resume RL training from this model\n\n{where}{local}\n\n"
-        f"{get_output(manifest['format']).resume_text(manifest, target)}"
+        f"{get_output(manifest.format).resume_text(manifest, target)}"
     )
 
 
-def _provenance_section(manifest: dict) -> str:
+def _provenance_section(manifest: Manifest) -> str:
     lines = ["## Provenance\n"]
-    command = manifest.get("command")
-    if command:
-        text = command if isinstance(command, str) else " ".join(str(part) for part in command)
-        lines.append(f"\nMade with:\n\n```bash\n{scrub_secrets(text)}\n```\n")
+    if manifest.command:
+        lines.append(f"\nMade with:\n\n```bash\n{scrub_secrets(manifest.command)}\n```\n")
     lines.append(
         "\n`nexttools.json` next to this card records every input (base, checkpoints, trajectory store, "
         "predictor) with its fingerprint, the method, α, k and the back-test figures.\n"

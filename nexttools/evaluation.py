@@ -18,8 +18,8 @@ import subprocess
 from pathlib import Path
 
 from nexttools.errors import UserError
+from nexttools.workdir import Workdir
 
-CACHE_FILE = "eval-scores.json"
 PLACEHOLDER = "{model}"
 _STDERR_TAIL = 3  # lines of the command's stderr quoted in an error
 
@@ -45,7 +45,7 @@ class ScoreCache:
     """Scores by (command, model fingerprint), kept in ``<workdir>/eval-scores.json``."""
 
     def __init__(self, workdir: Path, command: str) -> None:
-        self.path = Path(workdir) / CACHE_FILE
+        self.path = Workdir(workdir).scores
         self.command = command
         self._document: dict[str, dict[str, float]] = {}
         if self.path.is_file():

@@ -36,6 +36,7 @@ from nexttools.extract_plan import Plan, plan_rows
 from nexttools.extract_sources import Operand, Source, open_source
 from nexttools.frobenius import inner
 from nexttools.lowrank import Rank1, align_sign
+from nexttools.options import argument, device_option, option, store_option, workdir_option
 from nexttools.store import (
     KINDS,
     VERSION,
@@ -49,29 +50,34 @@ from nexttools.store import (
     partial_path,
     store_lock,
 )
+from nexttools.workdir import Workdir
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """Inputs of :func:`extract`; the CLI maps its options one to one onto these fields.
+    """Inputs of :func:`extract`; each field is also its command-line option (:mod:`nexttools.options`).
 
     ``steps`` is an inclusive (lo, hi) step range (either end open), ``every`` keeps every N-th
     selected checkpoint; ``base`` defaults to ``adapter_config.json``'s ``base_model_name_or_path``
     (required for full-weight runs: the step-0 model). ``store`` overrides ``workdir/trajectory.h5``.
     """
 
-    run: Path
-    base: str | None = None
-    workdir: Path = Path("nexttools-run")
-    store: Path | None = None
-    k: int = 5
-    steps: tuple[int | None, int | None] | None = None
-    every: int | None = None
-    device: str = "auto"
+    run: Path = argument("The RL run's folder (its checkpoints; see the supported layouts).")
+    base: str | None = option(
+        None, "Base model: local folder or Hub id [default: the adapters' base_model_name_or_path]."
+    )
+    workdir: Path = workdir_option()
+    store: Path | None = store_option()
+    k: int = option(5, "Target horizon, in checkpoints.", kind="count")
+    steps: tuple[int | None, int | None] | None = option(
+        None, "Only checkpoints with LO <= step <= HI.", kind="steps", metavar="LO:HI"
+    )
+    every: int | None = option(None, "Only checkpoints whose step is a multiple of N.", kind="count")
+    device: str = device_option()
 
     @property
     def store_path(self) -> Path:
-        return self.store if self.store is not None else self.workdir / "trajectory.h5"
+        return Workdir(self.workdir, self.store).store
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ write the model card and, last, the manifest, and rename the folder into place.
 from __future__ import annotations
 
 import math
-import re
-import shlex
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,13 +26,15 @@ from nexttools.checkpoints.adapter import AdapterCheckpoint
 from nexttools.console import console, warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
-from nexttools.manifest import write_manifest
-from nexttools.methods import JumpRequest, Method, get_method
-from nexttools.outputs import OutputFormat, OutputPlan, OutputRequest, get_output
+from nexttools.manifest import BaseRecord, CheckpointRecord, Manifest, write_manifest
+from nexttools.methods import METHODS, JumpRequest, Method, get_method
+from nexttools.options import device_option, option, store_option, workdir_option
+from nexttools.outputs import OUTPUTS, OutputFormat, OutputPlan, OutputRequest, get_output
 from nexttools.run import OpenedRun
-from nexttools.saved_predictor import load_predictor, recorded_backtest
-from nexttools.store import STORE_FILE, open_store
+from nexttools.saved_predictor import load_predictor, read_config, recorded_backtest
+from nexttools.store import open_store
 from nexttools.verdict import read_verdict, warn_if_judged
+from nexttools.workdir import Workdir
 from nexttools.writer import check_destination, staged_folder
 
 DTYPES: dict[str, torch.dtype] = {
@@ -43,32 +43,47 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 ALPHA_WARNING = 4.0  # the paper reports instability beyond this
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass(frozen=True)
 class ExtrapolateOptions:
-    """Inputs of :func:`extrapolate`; the CLI maps its options one to one onto these fields.
+    """Inputs of :func:`extrapolate`; each field is also its command-line option (:mod:`nexttools.options`).
 
     ``method`` and ``format`` name entries of the method and output registries. ``store``
-    defaults to ``<workdir>/trajectory.h5``; ``out`` to :func:`default_out`; ``dtype``
+    defaults to ``<workdir>/trajectory.h5``; ``out`` to :meth:`Workdir.output`; ``dtype``
     (``bfloat16``, ``float16``, ``float32``) to each source tensor's own dtype; ``max_shard_size``
     is in bytes.
     """
 
-    workdir: Path = Path("nexttools-run")
-    store: Path | None = None
-    alpha: float = 1.5
-    method: str = "next"
-    format: str = "merged"
-    out: Path | None = None
-    dtype: str | None = None
-    max_shard_size: int = 5 * 10**9
-    overwrite: bool = False
-    dry_run: bool = False
-    base_model_id: str | None = None
-    device: str = "auto"
+    alpha: float = option(1.5, "Extending coefficient α: Ŵ = W_c + α·T̂ (paper default).")
+    method: str = option(
+        "next",
+        "How T̂ is predicted (listed below); only next needs `nexttools fit`.",
+        choices=tuple(METHODS),
+    )
+    format: str = option(
+        "merged",
+        "What is written (listed below); base resumes a LoRA run in place.",
+        choices=tuple(OUTPUTS),
+    )
+    out: Path | None = option(
+        None, "Output folder.  [default: <workdir>/extrapolated-alpha{α}[-{method}][-{format}]]"
+    )
+    dtype: str | None = option(
+        None, "Output dtype.  [default: the base's]", choices=("bfloat16", "float16", "float32")
+    )
+    max_shard_size: int = option(
+        5 * 10**9, "Largest safetensors shard in bytes (5GB, 500MB, 2GiB...).", kind="size"
+    )
+    overwrite: bool = option(False, "Replace an existing nexttools output at --out.")
+    dry_run: bool = option(False, "Print what would be written (files, shards, bytes, dtype) and exit.")
+    base_model_id: str | None = option(None, "Hub id of the base, for the model card's base_model.")
+    workdir: Path = workdir_option()
+    store: Path | None = store_option()
+    device: str = device_option()
+    command: str | None = None
+    """The command line that asked for this output (the CLI records its own); the manifest and the
+    model card show it."""
 
 
 @dataclass(frozen=True)
@@ -109,27 +124,6 @@ class ExtrapolateSummary:
             "dry_run": self.dry_run,
             "warnings": self.warnings,
         }
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``"5GB"`` (10⁹), ``"2GiB"`` (2³⁰), ``"500MB"``, ``"1024"``...; ``UserError`` otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in _SIZE_UNITS:
-        raise UserError(f"cannot read the size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if size <= 0:
-        raise UserError(f"the size {text!r} must be positive")
-    return size
-
-
-def default_out(workdir: Path, alpha: float, method: str, output_format: str) -> Path:
-    """``<workdir>/extrapolated-alpha{α}``, then ``-{method}`` unless ``next``, then the format's suffix
-    (none for ``merged``; ``-adapter``, ``-base``, ``-checkpoint``)."""
-    name = f"extrapolated-alpha{alpha:g}"
-    if method != "next":
-        name += f"-{method}"
-    return Path(workdir) / (name + get_output(output_format).suffix)
 
 
 def _check_options(options: ExtrapolateOptions) -> list[str]:
@@ -186,29 +180,6 @@ def _base_id(options: ExtrapolateOptions, run: OpenedRun) -> tuple[str | None, l
     return None, [message]
 
 
-def _command(options: ExtrapolateOptions) -> str:
-    """The command line that reproduces this output (options that differ from their defaults)."""
-    defaults = ExtrapolateOptions()
-    parts = ["nexttools", "extrapolate"]
-    for flag, attr in (
-        ("--workdir", "workdir"),
-        ("--store", "store"),
-        ("--alpha", "alpha"),
-        ("--method", "method"),
-        ("--format", "format"),
-        ("--out", "out"),
-        ("--dtype", "dtype"),
-        ("--max-shard-size", "max_shard_size"),
-        ("--base-model-id", "base_model_id"),
-    ):
-        value = getattr(options, attr)
-        if value != getattr(defaults, attr) or attr == "alpha":
-            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    if options.overwrite:
-        parts.append("--overwrite")
-    return shlex.join(parts)
-
-
 def _lora_facts(run: OpenedRun) -> dict[str, Any] | None:
     """The run's own LoRA settings, for the resume recipes (the same ``LoraConfig`` must be used)."""
     if not isinstance(run.last, AdapterCheckpoint):
@@ -225,47 +196,46 @@ def _manifest(
     plan: OutputPlan,
     base_id: str | None,
     target: float,
-    predictor: dict[str, Any] | None,
-) -> dict[str, Any]:
+) -> Manifest:
     store = run.store
     weights = output.weights(run.kind)
-    return {
-        "nexttools_version": __version__,
-        "command": _command(options),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": options.method,
-        "alpha": options.alpha,
-        "k": store.k,
-        "target_step": target,
-        "format": options.format,
-        "weights": weights,
-        "dtype": str(plan.dtype).removeprefix("torch."),
-        "library_name": "peft" if weights == "adapter" else "transformers",
-        "run_kind": store.run_kind,
-        "untied_embeddings": plan.untied,
-        "lora": _lora_facts(run),
-        "resume_from": str(run.last_folder),
-        "base": {"path": str(run.base_path), "id": base_id, "fingerprint": store.base_fingerprint},
-        "checkpoints": [
-            {"step": int(step), "path": path, "fingerprint": fp}
+    config = read_config(Path(options.workdir)) if get_method(options.method).needs_predictor else None
+    return Manifest(
+        nexttools_version=__version__,
+        command=options.command,
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        method=options.method,
+        alpha=options.alpha,
+        k=store.k,
+        target_step=target,
+        format=options.format,
+        weights=weights,
+        dtype=str(plan.dtype).removeprefix("torch."),
+        library_name="peft" if weights == "adapter" else "transformers",
+        run_kind=store.run_kind,
+        untied_embeddings=plan.untied,
+        lora=_lora_facts(run),
+        adapter_rank=plan.adapter_rank,
+        resume_from=str(run.last_folder),
+        base=BaseRecord(str(run.base_path), base_id, store.base_fingerprint),
+        checkpoints=tuple(
+            CheckpointRecord(int(step), path, fp)
             for step, path, fp in zip(store.steps, store.checkpoint_paths, store.fingerprints, strict=True)
-        ],
-        "store": {"path": str(store.path), "fingerprint": store.fingerprint()},
-        "predictor": predictor,
-        "backtest": recorded_backtest(options.workdir, store),
-        "verdict": read_verdict(options.workdir, store),
-        **plan.manifest,
-    }
+        ),
+        store={"path": str(store.path), "fingerprint": store.fingerprint()},
+        predictor=config.manifest_entry() if config else None,
+        backtest=recorded_backtest(options.workdir, store),
+        verdict=read_verdict(options.workdir, store),
+    )
 
 
 def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
     """Write the extrapolated model of ``options`` (nothing with ``dry_run``); see the module docstring."""
     warnings = _check_options(options)
     method, output = get_method(options.method), get_output(options.format)
-    store_path = Path(options.store or Path(options.workdir) / STORE_FILE)
-    if not store_path.is_file():
-        raise UserError(f"no trajectory store at {store_path}: run `nexttools extract` first")
-    out = Path(options.out or default_out(options.workdir, options.alpha, options.method, options.format))
+    workdir = Workdir(options.workdir, options.store)
+    store_path = workdir.existing_store()
+    out = Path(options.out or workdir.output(options.alpha, method.name, output.suffix))
     out_dtype = DTYPES[options.dtype] if options.dtype else None
     device = resolve_device(options.device)
     with open_store(store_path) as store:
@@ -304,7 +274,7 @@ def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
             return summary
         with staged_folder(out, overwrite=options.overwrite, needed_bytes=summary.total_bytes) as staging:
             plan.write(staging)
-            manifest = _manifest(options, run, output, plan, base_id, jump.target_step, jump.predictor)
+            manifest = _manifest(options, run, output, plan, base_id, jump.target_step)
             write_model_card(staging, manifest)
             write_manifest(staging, manifest)
             files = {

@@ -43,6 +43,7 @@ from nexttools.console import progress, warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.methods import METHODS
+from nexttools.options import device_option, option, store_option, workdir_option
 from nexttools.predictor import (
     DEFAULT_DEPTH,
     DEFAULT_EPOCHS,
@@ -56,17 +57,16 @@ from nexttools.predictor import (
 )
 from nexttools.run import OpenedRun
 from nexttools.saved_predictor import (
-    CONFIG_FILE,
-    PREDICTOR_FORMAT,
-    PREDICTOR_VERSION,
-    WEIGHTS_FILE,
+    PredictorConfig,
+    TrainingRecord,
     read_config,
     save_predictor,
 )
 from nexttools.skill import SkillScore, full_space_backtest
-from nexttools.store import STORE_FILE, DeltaArrays, TrajectoryStore, open_store
+from nexttools.store import DeltaArrays, TrajectoryStore, open_store
 from nexttools.trajectory import Trajectory, module_kind
 from nexttools.verdict import read_verdict
+from nexttools.workdir import Workdir
 
 
 @dataclass(frozen=True)
@@ -74,18 +74,25 @@ class FitOptions:
     """Inputs of :func:`fit`. ``store`` defaults to ``<workdir>/trajectory.h5``; ``holdout`` to
     :func:`default_holdout`; ``device`` is ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``."""
 
-    workdir: Path = Path("nexttools-run")
-    store: Path | None = None
-    epochs: int = DEFAULT_EPOCHS
-    lr: float = DEFAULT_LR
-    width: int = DEFAULT_WIDTH
-    depth: int = DEFAULT_DEPTH
-    seed: int = 0
-    device: str = "auto"
-    holdout: int | None = None
-    refit: bool = True
-    force: bool = False
-    alpha: float = 1.0
+    workdir: Path = workdir_option()
+    store: Path | None = store_option()
+    epochs: int = option(DEFAULT_EPOCHS, "Full-batch training steps.", kind="count")
+    lr: float = option(DEFAULT_LR, "AdamW learning rate.", kind="positive")
+    width: int = option(DEFAULT_WIDTH, "Hidden units per layer.", kind="count")
+    depth: int = option(DEFAULT_DEPTH, "Layers per encoder/decoder.", kind="count")
+    seed: int = option(0, "Seed of the initialisation (same seed, same predictor on CPU).", kind="seed")
+    device: str = device_option()
+    holdout: int | None = option(
+        None, "Target rows held out for the back-test [default: a third of them, at least 1].", kind="count"
+    )
+    refit: bool = option(True, "Retrain on every target row after the back-test.", kind="toggle")
+    force: bool = option(
+        False,
+        "Replace a predictor trained on another store file (refitting the same, grown store needs none).",
+    )
+    alpha: float = option(
+        1.0, "α at which the full-space skill S of every method is scored (α* is reported beside it)."
+    )
 
 
 @dataclass(frozen=True)
@@ -350,8 +357,7 @@ def _verdict(methods: dict[str, MethodScore | None]) -> tuple[str, str]:
 
 def fit(options: FitOptions) -> FitResult:
     """Back-test, refit and save the predictor for the store in ``options`` (see the module docstring)."""
-    workdir = Path(options.workdir)
-    store_path = Path(options.store) if options.store is not None else workdir / STORE_FILE
+    store_path = Workdir(options.workdir, options.store).store
     if options.epochs < 1 or options.width < 1 or options.depth < 1 or not options.lr > 0:
         raise UserError("--epochs, --width and --depth must be ≥ 1 and --lr > 0")
     if not math.isfinite(options.alpha):
@@ -372,10 +378,10 @@ def _fit(options: FitOptions, store: TrajectoryStore, store_path: Path, device: 
     # Refitting after `extract` grew the same store is the normal path; a predictor of another store
     # file (another run sharing this workdir) is only replaced on purpose.
     existing = None if options.force else read_config(workdir)
-    if existing is not None and Path(str(existing.get("store"))).absolute() != store_path.absolute():
+    if existing is not None and Path(existing.store).absolute() != store_path.absolute():
         raise UserError(
-            f"{workdir / CONFIG_FILE} holds a predictor trained on another store "
-            f"({existing.get('store')}, not {store_path}); pass --force to replace it"
+            f"{Workdir(workdir).predictor_config} holds a predictor trained on another store "
+            f"({existing.store}, not {store_path}); pass --force to replace it"
         )
 
     architecture = Architecture(width=options.width, depth=options.depth)
@@ -392,31 +398,29 @@ def _fit(options: FitOptions, store: TrajectoryStore, store_path: Path, device: 
     if options.refit:
         predictor, losses = train_predictor(trajectory, rows, label="refit", **settings)  # type: ignore[arg-type]
     train_loss = float(np.mean(list(losses.values())))
-    weights_path = workdir / WEIGHTS_FILE
-    config = {
-        "format": PREDICTOR_FORMAT,
-        "version": PREDICTOR_VERSION,
-        "path": str(weights_path),
-        "store": str(store_path),
-        "store_fingerprint": fingerprint,
-        "k": trajectory.k,
-        "architecture": asdict(architecture),
-        "nets": {key: net.encode_global[0].in_features for key, net in predictor.nets.items()},
-        "sigma_scale": predictor.sigma_scale.to_json(),
-        "unit_vector_scale": "sqrt(dim)",
-        "training": {
-            **training,
-            "device": str(device),
-            "holdout": holdout,
-            "refit": options.refit,
-            "rows": [int(rows[0]), int(rows[-1])],
-            "steps": [int(trajectory.steps[rows[0]]), int(trajectory.steps[rows[-1]])],
-        },
-        "train_loss": train_loss,
-        "losses": losses,
-        "backtest": result.document(),
-        "verdict": read_verdict(workdir, store),
-        "versions": {"nexttools": __version__, "torch": torch.__version__},
-    }
+    config = PredictorConfig(
+        path=str(Workdir(workdir).predictor_weights),
+        store=str(store_path),
+        store_fingerprint=fingerprint,
+        k=trajectory.k,
+        architecture=architecture,
+        nets={key: net.dim for key, net in predictor.nets.items()},
+        sigma_scale=predictor.sigma_scale,
+        training=TrainingRecord(
+            epochs=options.epochs,
+            lr=options.lr,
+            seed=options.seed,
+            device=str(device),
+            holdout=holdout,
+            refit=options.refit,
+            rows=(int(rows[0]), int(rows[-1])),
+            steps=(int(trajectory.steps[rows[0]]), int(trajectory.steps[rows[-1]])),
+        ),
+        train_loss=train_loss,
+        losses=losses,
+        backtest=result.document(),
+        verdict=read_verdict(workdir, store),
+        versions={"nexttools": __version__, "torch": torch.__version__},
+    )
     weights_path, config_path = save_predictor(workdir, predictor, config)
     return FitResult(result, weights_path, config_path, train_loss, options.refit, fingerprint)

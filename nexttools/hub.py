@@ -37,7 +37,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, 
 from nexttools.card import CARD_NAME, render_model_card
 from nexttools.console import console
 from nexttools.errors import UserError
-from nexttools.manifest import MANIFEST_NAME, verify_output
+from nexttools.manifest import MANIFEST_NAME, Manifest, verify_output
 
 MAX_FILE_BYTES = 50 * 10**9
 """The Hub's hard limit per file (50 GB, decimal as the Hub states it); it answers 413 above it."""
@@ -124,14 +124,14 @@ def push(
 
 
 @contextmanager
-def _upload_view(folder: Path, manifest: dict[str, Any], repo_id: str) -> Iterator[Path]:
+def _upload_view(folder: Path, manifest: Manifest, repo_id: str) -> Iterator[Path]:
     """A hidden sibling of ``folder`` holding exactly what is published: every file the manifest lists
     (hard links, so nothing is copied), the manifest, and the card rendered for ``repo_id``.
 
     The output folder itself is never changed, and a file the manifest does not list is refused
     rather than uploaded. The view is removed when the block ends, whatever happens.
     """
-    listed = set(manifest["files"]) | {MANIFEST_NAME}
+    listed = set(manifest.files) | {MANIFEST_NAME}
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
         if path.is_file() and name not in listed and name != CARD_NAME:
@@ -157,7 +157,7 @@ def _upload_view(folder: Path, manifest: dict[str, Any], repo_id: str) -> Iterat
 
 def _push_view(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     repo_id: str,
     *,
     token: str,
@@ -344,11 +344,10 @@ def _is_transport_error(error: BaseException) -> bool:
     return isinstance(error, tuple(classes))
 
 
-def _default_message(manifest: dict[str, Any]) -> str:
-    last = manifest["checkpoints"][-1]["step"] if manifest.get("checkpoints") else "?"
+def _default_message(manifest: Manifest) -> str:
     return (
-        f"nexttools: {manifest['method']} extrapolation (alpha={manifest['alpha']:g}, k={manifest['k']}) "
-        f"from step {last}"
+        f"nexttools: {manifest.method} extrapolation (alpha={manifest.alpha:g}, k={manifest.k}) "
+        f"from step {manifest.steps[-1]}"
     )
 
 

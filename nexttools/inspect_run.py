@@ -28,10 +28,12 @@ from nexttools.consistency import Consistency, consistency
 from nexttools.console import warn
 from nexttools.errors import UserError
 from nexttools.lowrank import energy_ratio
+from nexttools.options import option, store_option, workdir_option
 from nexttools.run import OpenedRun
 from nexttools.saved_predictor import recorded_backtest
-from nexttools.store import STORE_FILE, TrajectoryStore, open_store
+from nexttools.store import TrajectoryStore, open_store
 from nexttools.trajectory import Trajectory, module_kind
+from nexttools.workdir import Workdir
 
 FIT_CHECKPOINTS = 10
 PREDICT_CHECKPOINTS = 5
@@ -105,9 +107,20 @@ def _bin_label(lo: float, hi: float) -> str:
     return f"{lo:g} … {hi:g}"
 
 
+@dataclass(frozen=True)
+class InspectOptions:
+    """Inputs of :func:`inspect`: the store in ``workdir`` (or at ``store``), and where to draw."""
+
+    workdir: Path = workdir_option()
+    store: Path | None = store_option()
+    plot: Path | None = option(
+        None, "Also draw the four panels into this PNG (needs the `plots` extra).", kind="file"
+    )
+
+
 def inspect(workdir: Path, store_path: Path | None = None) -> Inspection:
     """The figures of the module docstring for the store in ``workdir`` (or at ``store_path``)."""
-    path = Path(store_path) if store_path is not None else Path(workdir) / STORE_FILE
+    path = Workdir(workdir, store_path).store
     with open_store(path) as store:
         trajectory = Trajectory.from_store(store)
         energy = _energy(store) if store.run_kind == "lora" else None  # None: full weights or files gone

@@ -55,7 +55,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -97,6 +97,7 @@ class TrajectoryNet(nn.Module):
 
     def __init__(self, dim: int, architecture: Architecture) -> None:
         super().__init__()
+        self.dim = dim
         width, depth = architecture.width, architecture.depth
         self.encode_global = _mlp([dim] + [width] * depth, final_activation=True)
         self.encode_local = _mlp([dim] + [width] * depth, final_activation=True)
@@ -316,25 +317,6 @@ class TrainedPredictor:
     nets: dict[str, TrajectoryNet]
     sigma_scale: SigmaScale
     architecture: Architecture
-    config: dict = field(default_factory=dict)
-
-    @property
-    def info(self) -> dict:
-        """What a manifest records: files, store fingerprint, training loss, back-test summary."""
-        backtest = self.config.get("backtest", {})
-        return {
-            "path": self.config.get("path"),
-            "store_fingerprint": self.config.get("store_fingerprint"),
-            "train_loss": self.config.get("train_loss"),
-            "backtest": {
-                "winner": backtest.get("winner"),
-                "summary": backtest.get("summary"),
-                "overall_cosine": {
-                    name: None if score is None else score["cosine"]["overall"]
-                    for name, score in backtest.get("methods", {}).items()
-                },
-            },
-        }
 
     def predict(self, source: TrajectoryStore | Trajectory, row: int = -1) -> DeltaArrays:
         """Predicted target rank-1 of every module at store row ``row`` (the last by default).

@@ -35,7 +35,6 @@ from nexttools.errors import UserError
 from nexttools.locking import exclusive_lock
 
 FORMAT = "nexttools.trajectory"
-STORE_FILE = "trajectory.h5"
 """The store's file name inside a workdir."""
 VERSION = 1
 DeltaKind = Literal["global", "local", "target"]

@@ -14,15 +14,15 @@ from typing import Any
 
 from nexttools.console import warn
 from nexttools.store import TrajectoryStore
+from nexttools.workdir import Workdir
 
-VERDICT_FILE = "backtest.json"
 MIN_WORTH = 0.5
 """A jump worth less than half the steps it claims does not pay for itself: "do not extrapolate"."""
 
 
 def save_verdict(workdir: Path, store: TrajectoryStore, document: dict[str, Any]) -> Path:
     """Write ``<workdir>/backtest.json``: ``document`` (``backtest --json``) with the store's fingerprint."""
-    path = Path(workdir) / VERDICT_FILE
+    path = Workdir(workdir).verdict
     document = {**document, "store_fingerprint": store.fingerprint()}
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(json.dumps(document, indent=2))
@@ -33,7 +33,7 @@ def save_verdict(workdir: Path, store: TrajectoryStore, document: dict[str, Any]
 def read_verdict(workdir: Path, store: TrajectoryStore) -> dict[str, Any] | None:
     """The saved verdict for this very store (None when there is none, or it is of another store)."""
     try:
-        document = json.loads((Path(workdir) / VERDICT_FILE).read_text())
+        document = json.loads(Workdir(workdir).verdict.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(document, dict) or document.get("store_fingerprint") != store.fingerprint():

@@ -20,7 +20,7 @@ from nexttools.advisor import BacktestOptions, JumpWorth, backtest, recommend
 from nexttools.extract import ExtractOptions, extract
 from nexttools.extrapolate import ExtrapolateOptions, extrapolate
 from nexttools.fit import FitOptions, fit
-from nexttools.verdict import VERDICT_FILE
+from nexttools.workdir import Workdir
 from nexttools.worth import RealCurve, isotonic
 from tests.cli_helpers import assert_one_line_error, invoke
 
@@ -123,7 +123,7 @@ def test_a_linear_run_is_worth_a_jump(linear_run: tuple[DemoRun, Path]) -> None:
     assert by[verdict.recommendation].worth > 0.99
     assert not list(workdir.glob(".backtest-*"))  # every scratch model is gone
 
-    saved = json.loads((workdir / VERDICT_FILE).read_text())
+    saved = json.loads(Workdir(workdir).verdict.read_text())
     assert set(saved) >= {"origin_step", "results", "real", "recommendation", "store_fingerprint", "eval_cmd"}
     assert {"method", "alpha", "score", "worth"} <= set(saved["results"][0])
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from examples.demo_run import DemoRun
 from nexttools.card import LOCAL_PLACEHOLDER, render_model_card, write_model_card
+from nexttools.manifest import Manifest
 from tests.conftest import copy_tree
 
 BACKTEST = {
@@ -44,10 +45,12 @@ def make_manifest(
     steps: tuple[int, ...] | None = None,
     backtest: dict[str, Any] | None = BACKTEST,
     command: str = "nexttools extrapolate --alpha 1.5",
-) -> dict[str, Any]:
-    """A manifest with the keys `extrapolate` records (the `files` list is added by `write_manifest`)."""
+    lora: dict[str, Any] | None = None,
+) -> Manifest:
+    """A manifest with the fields `extrapolate` records (the `files` list is added by `write_manifest`),
+    read back as `verify_output` reads one."""
     steps = run.steps if steps is None else steps
-    return {
+    document = {
         "nexttools_version": "0.1.0",
         "command": command,
         "method": method,
@@ -65,7 +68,9 @@ def make_manifest(
         "store": {"path": "nexttools-run/trajectory.h5", "fingerprint": "store-fp"},
         "predictor": None,
         "backtest": backtest,
+        "lora": lora,
     }
+    return Manifest.from_json(document, Path("nexttools.json"))
 
 
 def loading_code(card: str) -> str:
@@ -213,8 +218,8 @@ def test_resume_instructions(short_run: DemoRun, tmp_path: Path) -> None:
     assert "actor_rollout_ref.model.lora_adapter_path=my-org/ad" in adapter
     assert "actor_rollout_ref.model.lora_rank=" in adapter
 
-    manifest = make_manifest(short_run, output_format="base")
-    manifest["lora"] = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    lora = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    manifest = make_manifest(short_run, output_format="base", lora=lora)
     last = str(short_run.run / f"checkpoint-{short_run.steps[-1]}")
     base = render_model_card(tmp_path, manifest, repo_id="my-org/nb")
     assert "LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])" in base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,11 +20,14 @@ from examples.demo_run import DemoRun, build_demo_run
 from nexttools.checkpoints.weights import ModelWeights
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
-from nexttools.extrapolate import ExtrapolateOptions, default_out, extrapolate, parse_size
+from nexttools.extrapolate import ExtrapolateOptions, extrapolate
 from nexttools.fit import FitOptions, fit
 from nexttools.manifest import MANIFEST_NAME, verify_output
+from nexttools.options import parse_size
+from nexttools.outputs import get_output
 from nexttools.saved_predictor import load_predictor
 from nexttools.store import open_store
+from nexttools.workdir import Workdir
 from tests.cli_helpers import invoke
 from tests.conftest import copy_tree
 
@@ -110,7 +114,7 @@ def test_alpha_zero_reproduces_peft_merge_of_the_last_checkpoint(
         assert written[name].dtype == torch.float32
         torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
     assert summary.dtype == "float32" and not summary.dry_run
-    assert verify_output(out)["alpha"] == 0.0
+    assert verify_output(out).alpha == 0.0
 
 
 def test_next_moves_every_module_by_a_rank1_step_of_norm_alpha_sigma(
@@ -151,21 +155,11 @@ def test_output_is_a_complete_drop_in_model_that_generates(
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and config["tie_word_embeddings"] is False
     manifest = verify_output(out)
-    for key in (
-        "nexttools_version",
-        "command",
-        "method",
-        "alpha",
-        "k",
-        "format",
-        "dtype",
-        "predictor",
-        "backtest",
-    ):
-        assert key in manifest, key
-    assert manifest["library_name"] == "transformers" and manifest["base"]["id"] == "org/tiny"
-    assert [c["step"] for c in manifest["checkpoints"]] == list(short_run.steps)
-    assert manifest["backtest"]["winner"] in manifest["backtest"]["methods"]
+    assert manifest.nexttools_version and manifest.created_utc and manifest.predictor is not None
+    assert (manifest.method, manifest.alpha, manifest.k, manifest.format) == ("next", 1.5, 5, "merged")
+    assert manifest.library_name == "transformers" and manifest.base.id == "org/tiny"
+    assert manifest.steps == list(short_run.steps)
+    assert manifest.backtest is not None and manifest.backtest["winner"] in manifest.backtest["methods"]
     assert "base_model: org/tiny" in (out / "README.md").read_text()
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -205,7 +199,7 @@ def test_adapter_output_merges_to_the_merged_output(
     merged_out, adapter_out = tmp_path / "merged", tmp_path / "adapter"
     extrapolate(_options(lora_workdir, merged_out, alpha=2.0))
     summary = extrapolate(_options(lora_workdir, adapter_out, alpha=2.0, format="adapter"))
-    assert summary.format == "adapter" and verify_output(adapter_out)["library_name"] == "peft"
+    assert summary.format == "adapter" and verify_output(adapter_out).library_name == "peft"
     config = json.loads((adapter_out / "adapter_config.json").read_text())
     assert set(config["rank_pattern"].values()) == {9}  # r = 8, plus the rank-1 step
     base = AutoModelForCausalLM.from_pretrained(short_run.base, dtype=torch.float32)
@@ -395,7 +389,7 @@ def test_full_weight_run_extrapolates_from_the_last_checkpoint(
             torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6, msg=name)
         else:
             assert torch.equal(tensor, last[name]), name
-    assert verify_output(out)["run_kind"] == "full"
+    assert verify_output(out).run_kind == "full"
     args = ["--workdir", str(workdir), "--out", str(tmp_path / "adapter"), "--format", "adapter"]
     _expect_error([*args, "--method", "last-interval"], "needs a LoRA run", monkeypatch, capsys)
 
@@ -427,9 +421,12 @@ def test_cli_writes_the_default_output_folder(
     assert code == 0, stderr
     assert "base_model" in stderr  # only a local path is known: the card will lack base_model
     out = workdir / "extrapolated-alpha1.5"
-    assert json.loads(stdout)["out"] == str(out) and verify_output(out)["base"]["id"] is None
+    manifest = verify_output(out)
+    assert json.loads(stdout)["out"] == str(out) and manifest.base.id is None
+    assert manifest.command == shlex.join(["nexttools", *args])  # the real command line, as typed
+    assert shlex.join(["nexttools", *args]) in (out / "README.md").read_text()
     assert (
-        default_out(workdir, 2.0, "last-interval", "adapter").name
+        Workdir(workdir).output(2.0, "last-interval", get_output("adapter").suffix).name
         == "extrapolated-alpha2-last-interval-adapter"
     )
 
@@ -476,7 +473,7 @@ def test_existing_output_is_refused_unless_overwrite(
     _expect_error(["--workdir", str(lora_workdir), "--out", str(out)], "--overwrite", monkeypatch, capsys)
     assert verify_output(out) == before
     extrapolate(_options(lora_workdir, out, alpha=1.0, overwrite=True))
-    assert verify_output(out)["alpha"] == 1.0 and sorted(tmp_path.iterdir()) == [out]
+    assert verify_output(out).alpha == 1.0 and sorted(tmp_path.iterdir()) == [out]
 
 
 def test_input_errors_exit_2_and_leave_nothing(

@@ -17,7 +17,7 @@ from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
 from nexttools.fit import FitOptions, fit
 from nexttools.methods import METHODS
-from nexttools.saved_predictor import load_predictor
+from nexttools.saved_predictor import PredictorConfig, load_predictor, read_config
 from nexttools.store import open_store
 from nexttools.trajectory import module_kind
 from tests.cli_helpers import assert_one_line_error, invoke
@@ -92,7 +92,10 @@ def test_saved_predictor_reloads_and_predicts_the_same(curved_store: Path, tmp_p
     for field in ("sigma", "u", "v"):
         np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
     assert not np.array_equal(first.u, earlier.u)
-    info = predictor.info
+    saved = read_config(tmp_path)
+    assert saved is not None and saved.weights_sha256
+    assert PredictorConfig.from_json(saved.to_json(), tmp_path / "predictor.json") == saved
+    info = saved.manifest_entry()
     assert info["store_fingerprint"] == result.store_fingerprint and info["train_loss"] == result.train_loss
     assert info["backtest"]["winner"] == result.backtest.winner
 
@@ -191,7 +194,9 @@ def test_refusals_through_the_cli(
     )
     assert code == 0
     with open_store(linear_store) as store:
-        assert load_predictor(work, store).info["store_fingerprint"] == store.fingerprint()
+        load_predictor(work, store)  # the refit predictor belongs to this store
+        saved = read_config(work)
+        assert saved is not None and saved.store_fingerprint == store.fingerprint()
 
 
 def test_json_document_and_table(curved_store: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -174,7 +174,7 @@ def test_resume_in_place_from_the_new_base_continues_the_runs_own_state(
     new_base, merged = tmp_path / "base", tmp_path / "merged"
     extrapolate(_options(lora_run, new_base, method="last-interval", format="base"))
     extrapolate(_options(lora_run, merged, method="last-interval"))
-    assert verify_output(new_base)["format"] == "base"
+    assert verify_output(new_base).format == "base"
 
     first = _resume(_peft_model(new_base), lora_run.last, tmp_path / "resumed")
     _check_first_step(first, lora_run.last, merged)
@@ -193,7 +193,7 @@ def test_factor_linear_checkpoint_resumes_with_the_jumped_adapter(
     kept = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "adapter_config.json")
     for name in kept:
         assert (out / name).read_bytes() == (lora_run.last / name).read_bytes(), name
-    assert verify_output(out)["weights"] == "adapter"
+    assert verify_output(out).weights == "adapter"
 
     first = _resume(_peft_model(lora_run.base), out, tmp_path / "resumed")
     _check_first_step(first, lora_run.last, merged)

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from nexttools.errors import UserError
-from nexttools.manifest import MANIFEST_NAME, file_fingerprint, verify_output, write_manifest
+from nexttools.manifest import MANIFEST_NAME, Manifest, file_fingerprint, verify_output, write_manifest
 from nexttools.writer import ShardedWriter, TensorSpec
 
 
-def _manifest(output_format: str, **fields: object) -> dict[str, object]:
+def _document(output_format: str, **fields: object) -> dict[str, object]:
     """The keys every manifest reader relies on (``extrapolate`` writes many more)."""
     return {
         "format": output_format,
@@ -28,6 +28,10 @@ def _manifest(output_format: str, **fields: object) -> dict[str, object]:
         "checkpoints": [{"step": 10, "path": "/runs/checkpoint-10"}],
         **fields,
     }
+
+
+def _manifest(output_format: str, **fields: object) -> Manifest:
+    return Manifest.from_json(_document(output_format, **fields), Path("nexttools.json"))
 
 
 def _merged_output(folder: Path, limit: int) -> dict[str, torch.Tensor]:
@@ -61,7 +65,8 @@ def test_manifest_lists_every_file_but_itself_and_the_card(tmp_path: Path) -> No
         "size": tokenizer.stat().st_size,
         "sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest(),
     }
-    assert verify_output(out) == manifest
+    assert verify_output(out) == Manifest.from_json(manifest, path)
+    assert Manifest.from_json(manifest, path).to_json() == manifest  # one reader, one writer
     (out / "README.md").write_text("# re-rendered card with a repo id\n")
     verify_output(out)  # the card is free to change
 
@@ -104,7 +109,7 @@ def test_single_file_and_adapter_outputs(tmp_path: Path) -> None:
     merged = tmp_path / "merged"
     _merged_output(merged, 10**6)
     write_manifest(merged, _manifest("merged"))
-    assert "model.safetensors" in verify_output(merged)["files"]
+    assert "model.safetensors" in verify_output(merged).files
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -114,7 +119,7 @@ def test_single_file_and_adapter_outputs(tmp_path: Path) -> None:
         verify_output(adapter)
     (adapter / "adapter_config.json").write_text("{}")
     write_manifest(adapter, _manifest("adapter"))
-    assert verify_output(adapter)["format"] == "adapter"
+    assert verify_output(adapter).weights == "adapter"
     with pytest.raises(UserError, match="not a complete nexttools output"):
         verify_output(tmp_path / "nowhere")
 
@@ -138,14 +143,18 @@ def _unlist(out: Path, name: str) -> None:
         pytest.param(lambda m: m.update(checkpoints=[]), id="no-checkpoint"),
         pytest.param(lambda m: m["base"].pop("path"), id="no-base-path"),
         pytest.param(lambda m: m.update(checkpoints=[{"path": "x"}]), id="checkpoint-without-step"),
+        pytest.param(lambda m: m.update(alpha=True), id="alpha-a-bool"),
+        pytest.param(lambda m: m.update(lora="r=8"), id="lora-not-an-object"),
+        pytest.param(lambda m: m.update(untied_embeddings=1), id="untied-not-a-bool"),
     ],
 )
 def test_a_manifest_missing_what_readers_need_is_one_clear_error(tmp_path: Path, damage) -> None:
     out = tmp_path / "out"
     _merged_output(out, 2048)
-    manifest = _manifest("merged")
-    damage(manifest)
-    write_manifest(out, manifest)
+    write_manifest(out, _manifest("merged"))
+    document = json.loads((out / MANIFEST_NAME).read_text())
+    damage(document)
+    (out / MANIFEST_NAME).write_text(json.dumps(document))
     with pytest.raises(UserError, match="the output is damaged"):
         verify_output(out)
     (out / MANIFEST_NAME).write_text("")

@@ -17,7 +17,7 @@ from huggingface_hub.repocard import metadata_load
 
 from examples.demo_run import DemoRun
 from nexttools import hub
-from nexttools.manifest import MANIFEST_NAME, write_manifest
+from nexttools.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from tests.cli_helpers import invoke
 from tests.conftest import copy_tree
 from tests.hub_stub import USER, HubStub
@@ -392,7 +392,7 @@ def test_a_file_holding_the_token_is_never_published(
     stub: HubStub, output: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (output / "notes.txt").write_text(f"pushed with {TOKEN}\n")  # not fingerprinted, but would be uploaded
-    write_manifest(output, json.loads((output / MANIFEST_NAME).read_text()))
+    write_manifest(output, read_manifest(output))
     code, out, err = run_cli(capfd, monkeypatch, *push_args(stub, output))
     assert "notes.txt contains your Hub token" in error_line(code, err)
     assert TOKEN not in out + err

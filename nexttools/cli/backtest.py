@@ -3,59 +3,24 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Any
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
-from nexttools.advisor import DEFAULT_ALPHAS, BacktestOptions, Verdict, backtest
+from nexttools.advisor import BacktestOptions, Verdict, backtest
 from nexttools.cli import cli
-from nexttools.cli.options import MAX_STEP, workdir_options
+from nexttools.cli.options import declared
 from nexttools.console import console
-from nexttools.device import DEVICE_HELP
-from nexttools.methods import METHODS
-from nexttools.verdict import MIN_WORTH, VERDICT_FILE
+from nexttools.verdict import MIN_WORTH
+from nexttools.workdir import Workdir
 
 
 @cli.command("backtest")
-@workdir_options
-@click.option(
-    "--eval-cmd",
-    required=True,
-    help="Shell command that scores the model folder {model} (higher is better) on its last stdout line.",
-)
-@click.option(
-    "--origin",
-    type=click.IntRange(0, MAX_STEP),
-    help="Step of the checkpoint to jump from [default: k checkpoints before the last].",
-)
-@click.option(
-    "--alpha",
-    "alphas",
-    type=float,
-    multiple=True,
-    help=f"α to try (repeat the option) [default: {', '.join(f'{a:g}' for a in DEFAULT_ALPHAS)}].",
-)
-@click.option(
-    "--method",
-    "methods",
-    type=click.Choice(list(METHODS)),
-    multiple=True,
-    help="Method to try (repeat the option) [default: every one].",
-)
-@click.option("--device", default="auto", help=DEVICE_HELP)
+@declared(BacktestOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON on stdout.")
-def backtest_command(
-    workdir: Path,
-    store: Path | None,
-    eval_cmd: str,
-    origin: int | None,
-    alphas: tuple[float, ...],
-    methods: tuple[str, ...],
-    device: str,
-    as_json: bool,
-) -> None:
+def backtest_command(as_json: bool, **values: Any) -> None:
     """Say whether to jump, how far and with which method, scored by your own eval.
 
     From an earlier checkpoint (--origin), using only what the run knew then, every method jumps at
@@ -67,17 +32,8 @@ def backtest_command(
     Example:
       nexttools backtest --eval-cmd "python eval.py --model {model} --n 200"
     """
-    verdict = backtest(
-        BacktestOptions(
-            eval_cmd=eval_cmd,
-            workdir=workdir,
-            store=store,
-            origin=origin,
-            alphas=alphas or DEFAULT_ALPHAS,
-            methods=methods,
-            device=device,
-        )
-    )
+    options = BacktestOptions(**values)
+    verdict = backtest(options)
     console.print(_real_table(verdict))
     console.print(_jump_table(verdict))
     for name, reason in verdict.skipped.items():
@@ -92,7 +48,7 @@ def backtest_command(
         )
     console.print(
         f"{verdict.evaluated} evaluation(s) run, {verdict.cached} from the cache; "
-        f"verdict saved to {workdir / VERDICT_FILE}",
+        f"verdict saved to {Workdir(options.workdir).verdict}",
         soft_wrap=True,
     )
     if as_json:

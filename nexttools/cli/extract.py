@@ -3,78 +3,26 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
 
 from nexttools.cli import cli
-from nexttools.cli.options import MAX_STEP, Count, workdir_options
+from nexttools.cli.options import declared
 from nexttools.console import console
-from nexttools.device import DEVICE_HELP
-from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, ExtractSummary, extract
 
 
-def _parse_steps(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> tuple[int | None, int | None] | None:
-    """``LO:HI`` (inclusive; either end may be empty) -> (lo, hi)."""
-    if value is None:
-        return None
-    lo, sep, hi = value.partition(":")
-    try:
-        bounds = (int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
-    except ValueError:
-        bounds = None
-    if not sep or bounds is None or bounds == (None, None):
-        raise UserError(f"--steps {value!r}: expected LO:HI, e.g. 10:150, 100: or :80")
-    if any(b is not None and not 0 <= b <= MAX_STEP for b in bounds):
-        raise UserError(f"--steps {value!r}: steps are between 0 and {MAX_STEP}")
-    if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
-        raise UserError(f"--steps {value!r}: LO is greater than HI")
-    return bounds
-
-
 @cli.command("extract")
-@click.argument("run", type=click.Path(path_type=Path))
-@click.option(
-    "--base", help="Base model: local folder or Hub id [default: the adapters' base_model_name_or_path]."
-)
-@workdir_options
-@click.option("--k", type=Count, default=5, help="Target horizon, in checkpoints.")
-@click.option(
-    "--steps", callback=_parse_steps, metavar="LO:HI", help="Only checkpoints with LO <= step <= HI."
-)
-@click.option("--every", type=Count, help="Only checkpoints whose step is a multiple of N.")
-@click.option("--device", default="auto", help=DEVICE_HELP)
+@declared(ExtractOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def extract_command(
-    run: Path,
-    base: str | None,
-    workdir: Path,
-    store: Path | None,
-    k: int,
-    steps: tuple[int | None, int | None] | None,
-    every: int | None,
-    device: str,
-    as_json: bool,
-) -> None:
+def extract_command(as_json: bool, **values: Any) -> None:
     """Extract the rank-1 trajectory of every trained module of RUN into the store.
 
     Re-running it after training went on adds only the new checkpoints.
     """
-    options = ExtractOptions(
-        run=run,
-        base=base,
-        workdir=workdir,
-        store=store,
-        k=k,
-        steps=steps,
-        every=every,
-        device=device,
-    )
-    summary = extract(options)
+    summary = extract(ExtractOptions(**values))
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
     else:

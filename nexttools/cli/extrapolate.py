@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Any
 
 import click
 
 from nexttools.cli import cli
-from nexttools.cli.options import workdir_options
+from nexttools.cli.options import command_line, declared
 from nexttools.console import console
-from nexttools.device import DEVICE_HELP
+from nexttools.extrapolate import ExtrapolateOptions, extrapolate
 from nexttools.methods import METHODS
 from nexttools.outputs import OUTPUTS
 
@@ -31,42 +31,7 @@ EPILOG = "\n\n".join(
 
 
 @cli.command("extrapolate", epilog=EPILOG)
-@click.option(
-    "--alpha", type=float, default=1.5, help="Extending coefficient α: Ŵ = W_c + α·T̂ (paper default)."
-)
-@click.option(
-    "--method",
-    type=click.Choice(list(METHODS)),
-    default="next",
-    help="How T̂ is predicted (listed below); only next needs `nexttools fit`.",
-)
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(list(OUTPUTS)),
-    default="merged",
-    help="What is written (listed below); base resumes a LoRA run in place.",
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Output folder.  [default: <workdir>/extrapolated-alpha{α}[-{method}][-{format}]]",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
-    default=None,
-    help="Output dtype.  [default: the base's]",
-)
-@click.option("--max-shard-size", default="5GB", help="Largest safetensors shard (5GB, 500MB, 2GiB...).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing nexttools output at --out.")
-@click.option(
-    "--dry-run", is_flag=True, help="Print what would be written (files, shards, bytes, dtype) and exit."
-)
-@click.option("--base-model-id", default=None, help="Hub id of the base, for the model card's base_model.")
-@workdir_options
-@click.option("--device", default="auto", help=DEVICE_HELP)
+@declared(ExtrapolateOptions)
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Then push the output.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option(
@@ -80,23 +45,12 @@ EPILOG = "\n\n".join(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def extrapolate_command(
-    alpha: float,
-    method: str,
-    output_format: str,
-    out: Path | None,
-    dtype: str | None,
-    max_shard_size: str,
-    overwrite: bool,
-    dry_run: bool,
-    base_model_id: str | None,
-    workdir: Path,
-    store: Path | None,
-    device: str,
     push_to_hub: str | None,
     private: bool,
     token: str | None,
     endpoint: str | None,
     as_json: bool,
+    **values: Any,
 ) -> None:
     """Jump the run ahead: write the last checkpoint moved α·T̂ along its predicted trajectory.
 
@@ -106,24 +60,10 @@ def extrapolate_command(
     nexttools extrapolate --method factor-linear --format checkpoint   # a resumable checkpoint-N copy
     """
     from nexttools.errors import UserError
-    from nexttools.extrapolate import ExtrapolateOptions, extrapolate, parse_size
 
-    options = ExtrapolateOptions(
-        workdir=workdir,
-        store=store,
-        alpha=alpha,
-        method=method,
-        format=output_format,
-        out=out,
-        dtype=dtype,
-        max_shard_size=parse_size(max_shard_size),
-        overwrite=overwrite,
-        dry_run=dry_run,
-        base_model_id=base_model_id,
-        device=device,
-    )
+    options = ExtrapolateOptions(**values, command=command_line())
     summary = extrapolate(options)
-    if dry_run:
+    if options.dry_run:
         console.print(
             f"dry run: would write {summary.out} ({summary.format}, {summary.method}, α = {summary.alpha:g}, "
             f"k = {summary.k}, {summary.dtype}, {summary.shards} shard(s), "
@@ -132,7 +72,7 @@ def extrapolate_command(
         for name, size in summary.files.items():
             console.print(f"  {name}  {size / 1e6:.2f} MB")
     document = summary.document()
-    if push_to_hub and not dry_run:
+    if push_to_hub and not options.dry_run:
         from nexttools.hub import push
 
         try:

@@ -4,65 +4,22 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
 
 from nexttools.cli import cli
-from nexttools.cli.options import Count, Seed, workdir_options
+from nexttools.cli.options import declared
 from nexttools.console import console
-from nexttools.device import DEVICE_HELP
 from nexttools.fit import FitOptions, FitResult, fit
 from nexttools.methods import METHODS
-from nexttools.predictor import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_WIDTH
 
 
 @cli.command("fit")
-@workdir_options
-@click.option("--epochs", type=Count, default=DEFAULT_EPOCHS, help="Full-batch training steps.")
-@click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LR, help="AdamW learning rate."
-)
-@click.option("--width", type=Count, default=DEFAULT_WIDTH, help="Hidden units per layer.")
-@click.option("--depth", type=Count, default=DEFAULT_DEPTH, help="Layers per encoder/decoder.")
-@click.option(
-    "--seed", type=Seed, default=0, help="Seed of the initialisation (same seed, same predictor on CPU)."
-)
-@click.option("--device", default="auto", help=DEVICE_HELP)
-@click.option(
-    "--holdout",
-    type=Count,
-    help="Target rows held out for the back-test [default: a third of them, at least 1].",
-)
-@click.option(
-    "--alpha",
-    type=float,
-    default=1.0,
-    help="α at which the full-space skill S of every method is scored (α* is reported beside it).",
-)
-@click.option("--refit/--no-refit", default=True, help="Retrain on every target row after the back-test.")
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace a predictor trained on another store file (refitting the same, grown store needs none).",
-)
+@declared(FitOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the back-test and predictor as JSON on stdout.")
-def fit_command(
-    workdir: Path,
-    store: Path | None,
-    epochs: int,
-    lr: float,
-    width: int,
-    depth: int,
-    seed: int,
-    device: str,
-    holdout: int | None,
-    alpha: float,
-    refit: bool,
-    force: bool,
-    as_json: bool,
-) -> None:
+def fit_command(as_json: bool, **values: Any) -> None:
     """Train the NExt predictor on the store and back-test every method against the run's future.
 
     The last --holdout target rows are held out. From each of those checkpoints every method jumps
@@ -71,22 +28,7 @@ def fit_command(
     no better than not jumping) and α*, the α that maximises S. The second gives the rank-1 cosine
     and σ error from the store alone.
     """
-    result = fit(
-        FitOptions(
-            workdir=workdir,
-            store=store,
-            epochs=epochs,
-            lr=lr,
-            width=width,
-            depth=depth,
-            seed=seed,
-            device=device,
-            holdout=holdout,
-            alpha=alpha,
-            refit=refit,
-            force=force,
-        )
-    )
+    result = fit(FitOptions(**values))
     if result.backtest.skill is not None:
         console.print(skill_table(result))
     console.print(backtest_table(result))

@@ -4,41 +4,37 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 from rich.table import Table
 
 from nexttools.cli import cli
-from nexttools.cli.options import workdir_options
+from nexttools.cli.options import declared
 from nexttools.console import console
-from nexttools.inspect_run import Inspection, inspect
+from nexttools.inspect_run import Inspection, InspectOptions, inspect
 
 
 @cli.command("inspect")
-@workdir_options
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw the four panels into this PNG (needs the `plots` extra).",
-)
+@declared(InspectOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
-def inspect_command(workdir: Path, store: Path | None, plot: Path | None, as_json: bool) -> None:
+def inspect_command(as_json: bool, **values: Any) -> None:
     """The paper's §3 analysis on your run: rank-1 energy, linearity (R²), consistency per module kind.
 
     Reads the store (and the LoRA checkpoints, for the energy ratio); run after `extract`, and after
     `fit` to see its skill per module kind beside the consistency figures.
     """
-    inspection = inspect(workdir, store)
+    options = InspectOptions(**values)
+    inspection = inspect(options.workdir, options.store)
     if inspection.energy is not None:
         console.print(_energy_table(inspection))
     console.print(_r2_table(inspection))
     console.print(_kind_table(inspection))
-    if plot is not None:
+    if options.plot is not None:
         from nexttools.plots import write_plot
 
-        console.print(f"wrote {write_plot(inspection, plot)}")
+        console.print(f"wrote {write_plot(inspection, options.plot)}")
     if as_json:
         click.echo(json.dumps(inspection.document(), indent=2))
 

@@ -25,7 +25,6 @@ class NExt(Method):
         return Jump(
             target_step=target_step(run.steps, run.k, request.alpha),
             change=rank1_change(request.run, arrays, request.alpha),
-            predictor=predictor.info,
         )
 
     def backtest(

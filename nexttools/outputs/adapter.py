@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from nexttools.checkpoints.adapter import AdapterCheckpoint, LoraModule
 from nexttools.errors import UserError
 from nexttools.lowrank import LowRankFactors
+from nexttools.manifest import Manifest
 from nexttools.methods import Jump
 from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest, Weights
 from nexttools.outputs.model_folder import tokenizer_files
@@ -178,10 +179,10 @@ class Adapter(OutputFormat):
             copy_files(side, folder)
 
         files = adapter_bytes(tensors, config) | sizes_of(side)
-        return OutputPlan(files, 1, dtype, write, manifest={"adapter_rank": config["r"]})
+        return OutputPlan(files, 1, dtype, write, adapter_rank=int(config["r"]))
 
-    def load_text(self, manifest: dict[str, Any], target: str) -> str:
-        base = manifest["base"].get("id") or manifest["base"]["path"]
+    def load_text(self, manifest: Manifest, target: str) -> str:
+        base = manifest.base_reference
         return "The adapter gives the extrapolated weights when loaded on its base model.\n\n" + code(
             "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto")\n'
@@ -190,9 +191,9 @@ class Adapter(OutputFormat):
             f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
         )
 
-    def resume_text(self, manifest: dict[str, Any], target: str) -> str:
-        base = manifest["base"].get("id") or manifest["base"]["path"]
-        rank = manifest.get("adapter_rank", "r+1")
+    def resume_text(self, manifest: Manifest, target: str) -> str:
+        base = manifest.base_reference
+        rank = manifest.adapter_rank or "r+1"
         return (
             "The adapter keeps training, with a **fresh optimizer** (its rank grew, so the run's Adam "
             "state no longer fits). For an in-place resume of the run's own optimizer, use "

@@ -13,10 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
+from nexttools.manifest import Manifest
 from nexttools.methods import Jump, Method
 from nexttools.run import OpenedRun
 
@@ -44,7 +45,7 @@ class OutputPlan:
     """What an output will write: ``files`` (name -> bytes, exact where known), shards, dtype.
 
     ``write(folder)`` writes every file but the model card and the manifest into ``folder``;
-    ``manifest`` holds the fields this output adds to ``nexttools.json``.
+    ``adapter_rank`` is the rank an adapter output declares (the manifest records it).
     """
 
     files: dict[str, int]
@@ -53,7 +54,7 @@ class OutputPlan:
     write: Callable[[Path], None]
     untied: bool = False
     warnings: list[str] = field(default_factory=list)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    adapter_rank: int | None = None
 
 
 class OutputFormat(ABC):
@@ -85,9 +86,9 @@ class OutputFormat(ABC):
         """Plan every file (sizes up front) without writing anything."""
 
     @abstractmethod
-    def load_text(self, manifest: dict[str, Any], target: str) -> str:
+    def load_text(self, manifest: Manifest, target: str) -> str:
         """The model card's "How to load" section body (Markdown), for an output at ``target``."""
 
     @abstractmethod
-    def resume_text(self, manifest: dict[str, Any], target: str) -> str:
+    def resume_text(self, manifest: Manifest, target: str) -> str:
         """The model card's "Resume RL training" section body (Markdown): TRL, verl, OpenRLHF."""

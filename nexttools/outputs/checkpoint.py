@@ -17,7 +17,6 @@ FSDP sub-folder are refused too: the trainer would resume from those and ignore 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 from nexttools.checkpoints.adapter import AdapterCheckpoint
 from nexttools.checkpoints.weights import ModelWeights
 from nexttools.errors import UserError
-from nexttools.manifest import CARD_NAME, MANIFEST_NAME
+from nexttools.manifest import CARD_NAME, MANIFEST_NAME, Manifest
 from nexttools.methods import Method
 from nexttools.outputs.adapter import ADAPTER_WEIGHTS, read_adapter_tensors
 from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest, Weights
@@ -125,17 +124,17 @@ class TrainerCheckpoint(OutputFormat):
         shards = sum(1 for name in files if name.endswith(".safetensors") and "/" not in name)
         return OutputPlan(files, shards, plan.dtype, write_model_checkpoint)
 
-    def load_text(self, manifest: dict[str, Any], target: str) -> str:
+    def load_text(self, manifest: Manifest, target: str) -> str:
         return (
             "A trainer checkpoint, not a model to load by itself: resume it (below). Its weights are "
             "those of `--format merged`"
-            + (" on the run's base." if manifest.get("run_kind") == "lora" else ".")
+            + (" on the run's base." if manifest.run_kind == "lora" else ".")
             + "\n"
         )
 
-    def resume_text(self, manifest: dict[str, Any], target: str) -> str:
-        base = manifest["base"].get("id") or manifest["base"]["path"]
-        if manifest.get("run_kind") == "lora":
+    def resume_text(self, manifest: Manifest, target: str) -> str:
+        base = manifest.base_reference
+        if manifest.run_kind == "lora":
             model = f'model="{base}", peft_config={lora_config(manifest)}'
         else:
             model = f'model="{base}"'

@@ -9,11 +9,11 @@ Resuming from it is a *restart*: a fresh LoRA (B = 0) and a fresh optimizer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from nexttools.checkpoints.adapter import AdapterCheckpoint
+from nexttools.manifest import Manifest
 from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest
 from nexttools.outputs.model_folder import (
     apply_change,
@@ -78,7 +78,7 @@ class Merged(OutputFormat):
         shards = sum(1 for name in files if name.endswith(".safetensors"))
         return OutputPlan(files, shards, plan.dtype, write, untied=plan.untied)
 
-    def load_text(self, manifest: dict[str, Any], target: str) -> str:
+    def load_text(self, manifest: Manifest, target: str) -> str:
         return (
             "A drop-in Hugging Face model: config, generation config, tokenizer and chat template.\n\n"
             + code(
@@ -88,8 +88,8 @@ class Merged(OutputFormat):
             )
         )
 
-    def resume_text(self, manifest: dict[str, Any], target: str) -> str:
-        lora = manifest.get("lora") or {}
+    def resume_text(self, manifest: Manifest, target: str) -> str:
+        lora = manifest.lora or {}
         rank, alpha = lora.get("r", "R"), lora.get("lora_alpha", "ALPHA")
         return (
             "This is a **restart**: a fresh LoRA (B = 0) and a fresh optimizer on top of the jumped "

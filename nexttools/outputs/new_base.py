@@ -13,12 +13,12 @@ original W_0; both are then written and ``tie_word_embeddings`` becomes false, a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from nexttools.checkpoints.adapter import AdapterCheckpoint
 from nexttools.errors import UserError
+from nexttools.manifest import Manifest
 from nexttools.methods import Method
 from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest
 from nexttools.outputs.model_folder import apply_change, model_side_files, plan_model, write_model
@@ -61,7 +61,7 @@ class NewBase(OutputFormat):
         shards = sum(1 for name in files if name.endswith(".safetensors"))
         return OutputPlan(files, shards, plan.dtype, write, untied=plan.untied)
 
-    def load_text(self, manifest: dict[str, Any], target: str) -> str:
+    def load_text(self, manifest: Manifest, target: str) -> str:
         checkpoint = last_checkpoint(manifest)
         return (
             "A new **base** model, not the extrapolated model by itself: the run's own last adapter "
@@ -73,7 +73,7 @@ class NewBase(OutputFormat):
             )
         )
 
-    def resume_text(self, manifest: dict[str, Any], target: str) -> str:
+    def resume_text(self, manifest: Manifest, target: str) -> str:
         checkpoint = last_checkpoint(manifest)
         return (
             "Resume **in place**: the same trainer, the same LoRA config, this folder as the model, and "

@@ -3,7 +3,7 @@ verl 0.9 and OpenRLHF 0.11; the README's resume section says the same)."""
 
 from __future__ import annotations
 
-from typing import Any
+from nexttools.manifest import Manifest
 
 KL_NOTE = (
     "With a KL penalty (β > 0) the reference model is whatever model you pass: the KL anchor moves "
@@ -11,9 +11,9 @@ KL_NOTE = (
 )
 
 
-def lora_config(manifest: dict[str, Any]) -> str:
+def lora_config(manifest: Manifest) -> str:
     """``LoraConfig(...)`` with the run's own r, lora_alpha, target_modules (and rsLoRA), as Python."""
-    lora = manifest.get("lora") or {}
+    lora = manifest.lora or {}
     parts = [f"r={lora.get('r', '...')}", f"lora_alpha={lora.get('lora_alpha', '...')}"]
     targets = lora.get("target_modules")
     parts.append(f"target_modules={targets!r}" if targets else "target_modules=[...]")
@@ -22,14 +22,14 @@ def lora_config(manifest: dict[str, Any]) -> str:
     return f"LoraConfig({', '.join(parts)})"
 
 
-def dtype_kwargs(manifest: dict[str, Any]) -> str:
+def dtype_kwargs(manifest: Manifest) -> str:
     """TRL loads a model path in float32 unless told: the ``model_init_kwargs`` that keep the dtype."""
-    return f'model_init_kwargs={{"dtype": "{manifest["dtype"]}"}}'
+    return f'model_init_kwargs={{"dtype": "{manifest.dtype}"}}'
 
 
-def last_checkpoint(manifest: dict[str, Any]) -> str:
+def last_checkpoint(manifest: Manifest) -> str:
     """The folder of the run's last checkpoint (what ``resume_from_checkpoint`` takes)."""
-    return str(manifest.get("resume_from") or manifest["checkpoints"][-1]["path"])
+    return manifest.resume_from or manifest.checkpoints[-1].path
 
 
 def code(text: str) -> str:
