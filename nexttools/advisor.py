@@ -36,7 +36,6 @@ from nexttools.console import progress
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.evaluation import ScoreCache, check_command, model_fingerprint, run_eval
-from nexttools.fit import train_predictor
 from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
 from nexttools.options import device_option, option, store_option, workdir_option
 from nexttools.outputs import OutputRequest, get_output
@@ -47,11 +46,12 @@ from nexttools.predictor import (
     DEFAULT_WIDTH,
     Architecture,
     TrainedPredictor,
+    train_predictor,
 )
+from nexttools.predictor.saved import read_config
 from nexttools.run import OpenedRun
-from nexttools.saved_predictor import read_config
 from nexttools.store import TrajectoryStore, open_store
-from nexttools.trajectory import Trajectory
+from nexttools.store.trajectory import Trajectory
 from nexttools.verdict import MIN_WORTH, save_verdict
 from nexttools.workdir import Workdir
 from nexttools.worth import RealCurve

@@ -30,8 +30,8 @@ from nexttools.manifest import BaseRecord, CheckpointRecord, Manifest, write_man
 from nexttools.methods import METHODS, JumpRequest, Method, get_method
 from nexttools.options import device_option, option, store_option, workdir_option
 from nexttools.outputs import OUTPUTS, OutputFormat, OutputPlan, OutputRequest, get_output
+from nexttools.predictor.saved import load_predictor, read_config, recorded_backtest
 from nexttools.run import OpenedRun
-from nexttools.saved_predictor import load_predictor, read_config, recorded_backtest
 from nexttools.store import open_store
 from nexttools.verdict import read_verdict, warn_if_judged
 from nexttools.workdir import Workdir

@@ -23,23 +23,20 @@ and the weighted σ error is Σ|σ̂ − σ| / Σσ, the relative error of the t
 predict a jump's worth (README, "Back-test"), which is why S leads.
 
 The default architecture and training settings, and the back-test figures that chose them, are in
-:mod:`nexttools.predictor`'s docstring.
+`docs/predictor.md`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import TextColumn
 
 from nexttools import __version__
-from nexttools.console import progress, warn
+from nexttools.console import warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.methods import METHODS
@@ -51,20 +48,18 @@ from nexttools.predictor import (
     DEFAULT_WIDTH,
     Architecture,
     TrainedPredictor,
-    build_net,
-    train_nets,
-    training_batches,
+    train_predictor,
 )
-from nexttools.run import OpenedRun
-from nexttools.saved_predictor import (
+from nexttools.predictor.saved import (
     PredictorConfig,
     TrainingRecord,
     read_config,
     save_predictor,
 )
+from nexttools.run import OpenedRun
 from nexttools.skill import SkillScore, full_space_backtest
 from nexttools.store import DeltaArrays, TrajectoryStore, open_store
-from nexttools.trajectory import Trajectory, module_kind
+from nexttools.store.trajectory import Trajectory, module_kind
 from nexttools.verdict import read_verdict
 from nexttools.workdir import Workdir
 
@@ -189,45 +184,6 @@ def check_trajectory(trajectory: Trajectory, holdout: int) -> None:
             f"--holdout {holdout} leaves nothing to train on: the store has {last} target rows "
             f"(use 1..{last - 1})"
         )
-
-
-@contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
-    """Deterministic torch kernels for the duration of a training (restored afterwards)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def train_predictor(
-    trajectory: Trajectory,
-    rows: np.ndarray,
-    *,
-    architecture: Architecture,
-    epochs: int,
-    lr: float,
-    seed: int,
-    device: torch.device,
-    label: str,
-) -> tuple[TrainedPredictor, dict[str, float]]:
-    """Train fresh networks on target rows ``rows`` with a progress bar; returns them and final losses."""
-    batches, scale = training_batches(trajectory, rows)
-    dims = {key: batch.target.shape[1] for key, batch in batches.items()}
-    nets = {key: build_net(key, dim, architecture, seed) for key, dim in dims.items()}
-    with _deterministic(), progress(TextColumn("loss {task.fields[loss]:.4g}")) as bar:
-        task = bar.add_task(label, total=epochs, loss=float("nan"))
-        losses = train_nets(
-            nets,
-            batches,
-            epochs=epochs,
-            lr=lr,
-            device=device,
-            on_epoch=lambda _epoch, loss: bar.update(task, advance=1, loss=loss),
-        )
-    return TrainedPredictor(nets=nets, sigma_scale=scale, architecture=architecture), losses
 
 
 def score(trajectory: Trajectory, predictions: dict[int, DeltaArrays]) -> MethodScore:

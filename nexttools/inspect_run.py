@@ -29,10 +29,10 @@ from nexttools.console import warn
 from nexttools.errors import UserError
 from nexttools.lowrank import energy_ratio
 from nexttools.options import option, store_option, workdir_option
+from nexttools.predictor.saved import recorded_backtest
 from nexttools.run import OpenedRun
-from nexttools.saved_predictor import recorded_backtest
 from nexttools.store import TrajectoryStore, open_store
-from nexttools.trajectory import Trajectory, module_kind
+from nexttools.store.trajectory import Trajectory, module_kind
 from nexttools.workdir import Workdir
 
 FIT_CHECKPOINTS = 10

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nexttools.checkpoints.factors import LowRankFactors
+
 _EPS64 = float(torch.finfo(torch.float64).eps)
 # Relative first-order error of σ² above which the Gram route hands the delta to the QR route.
 _GRAM_TOLERANCE = 1e-8
@@ -57,36 +59,6 @@ _DENSE_BLOCK = 8
 _DENSE_MAX_STEPS = 100
 _DENSE_RESIDUAL = 1e-6
 _DENSE_SVD_MAX_SIDE = 128
-
-
-@dataclass(frozen=True, eq=False)
-class LowRankFactors:
-    """A low-rank matrix ΔW = left @ right.T, in the orientation of the base weight.
-
-    left: (rows, r) float32, right: (cols, r) float32. PEFT's scaling (and any transpose) is already
-    folded in, so ``left @ right.T`` *is* the weight delta. Compared by identity (``eq=False``): the
-    Gram cache keys on the object, and element-wise equality of big tensors is not a cheap ``==``.
-    """
-
-    left: Tensor
-    right: Tensor
-
-    def __post_init__(self) -> None:
-        if self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[1]:
-            raise ValueError(
-                f"factors must be (rows, r) and (cols, r); got {tuple(self.left.shape)} and "
-                f"{tuple(self.right.shape)}"
-            )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(rows, cols) of the delta."""
-        return (self.left.shape[0], self.right.shape[0])
-
-    @property
-    def rank(self) -> int:
-        """r, the inner dimension (an upper bound on the true rank)."""
-        return self.left.shape[1]
 
 
 @dataclass(frozen=True, eq=False)

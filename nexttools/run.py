@@ -24,7 +24,7 @@ from nexttools.checkpoints.weights import ModelWeights
 from nexttools.errors import UserError
 from nexttools.lowrank import LowRankFactors
 from nexttools.store import RunKind, TrajectoryStore
-from nexttools.trajectory import Trajectory
+from nexttools.store.trajectory import Trajectory
 
 Checkpoint = AdapterCheckpoint | ModelWeights
 Change = LowRankFactors | torch.Tensor

@@ -30,7 +30,7 @@ from nexttools.frobenius import inner, squared_norm
 from nexttools.methods import METHODS, Jump, JumpRequest
 from nexttools.predictor import TrainedPredictor
 from nexttools.run import OpenedRun
-from nexttools.trajectory import module_kind
+from nexttools.store.trajectory import module_kind
 
 
 @dataclass(frozen=True)

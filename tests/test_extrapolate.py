@@ -25,7 +25,7 @@ from nexttools.fit import FitOptions, fit
 from nexttools.manifest import MANIFEST_NAME, verify_output
 from nexttools.options import parse_size
 from nexttools.outputs import get_output
-from nexttools.saved_predictor import load_predictor
+from nexttools.predictor.saved import load_predictor
 from nexttools.store import open_store
 from nexttools.workdir import Workdir
 from tests.cli_helpers import invoke

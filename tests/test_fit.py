@@ -17,9 +17,9 @@ from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
 from nexttools.fit import FitOptions, fit
 from nexttools.methods import METHODS
-from nexttools.saved_predictor import PredictorConfig, load_predictor, read_config
+from nexttools.predictor.saved import PredictorConfig, load_predictor, read_config
 from nexttools.store import open_store
-from nexttools.trajectory import module_kind
+from nexttools.store.trajectory import module_kind
 from tests.cli_helpers import assert_one_line_error, invoke
 from tests.test_methods import curved_trajectory, linear_trajectory, write_store
 

@@ -14,7 +14,7 @@ from nexttools.extract import ExtractOptions, extract
 from nexttools.fit import FitOptions, fit
 from nexttools.inspect_run import inspect
 from nexttools.store import open_store
-from nexttools.trajectory import Trajectory
+from nexttools.store.trajectory import Trajectory
 from tests.cli_helpers import assert_one_line_error, invoke
 from tests.test_skill import _dense_run
 

@@ -19,7 +19,7 @@ from nexttools.errors import UserError
 from nexttools.methods.last_interval import last_interval, last_interval_available
 from nexttools.methods.linear_rank1 import linear_rank1
 from nexttools.store import DeltaArrays, StoreLayout, StoreWriter, open_store
-from nexttools.trajectory import Trajectory
+from nexttools.store.trajectory import Trajectory
 
 SHAPES = {
     "q_proj": (32, 24),

@@ -21,9 +21,9 @@ from nexttools.fit import FitOptions, fit
 from nexttools.frobenius import inner, squared_norm
 from nexttools.lowrank import LowRankFactors
 from nexttools.methods.linear_rank1 import linear_rank1
-from nexttools.saved_predictor import load_predictor
+from nexttools.predictor.saved import load_predictor
 from nexttools.store import open_store
-from nexttools.trajectory import Trajectory, module_kind
+from nexttools.store.trajectory import Trajectory, module_kind
 
 K = 3
 ALPHA = 1.5

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,16 +22,20 @@ from typing import Any
 
 import torch
 
+from nexttools.checkpoints.adapter_config import (
+    CONFIG_FILE,
+    pattern_value,
+    read_config,
+    refuse_unsupported,
+)
 from nexttools.checkpoints.discover import CheckpointRef
-from nexttools.checkpoints.jsonfile import read_json_object
+from nexttools.checkpoints.factors import LowRankFactors
 from nexttools.checkpoints.verl_fsdp import LORA_META, VerlShards, is_verl_fsdp
 from nexttools.checkpoints.verl_fsdp import lora_config as verl_lora_config
 from nexttools.checkpoints.weights import ModelWeights, SafetensorsHeader, read_safetensors_header
 from nexttools.console import warn
 from nexttools.errors import UserError
-from nexttools.lowrank import LowRankFactors
 
-CONFIG_FILE = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
 # Key segments after which PEFT (in memory, and verl's raw shards) puts the adapter name.
 _ADAPTER_NAME_OWNERS = {
@@ -43,20 +46,6 @@ _ADAPTER_NAME_OWNERS = {
     "lora_magnitude_vector",
     "modules_to_save",
 }
-# LoraConfig fields that switch on a LoRA variant whose merge is not W0 + s·B·A.
-_VARIANT_FIELDS = (
-    "use_bdlora",
-    "alora_invocation_tokens",
-    "velora_config",
-    "kasa_config",
-    "monteclora_config",
-    "arrow_config",
-    "megatron_config",
-    "use_qalora",
-)
-# init_lora_weights values that rewrite the base to W0 - s·B0·A0 (reference §1.7). The other
-# inits (True/False, "gaussian", "orthogonal", "eva", "mica") keep the base as it is.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass(frozen=True)
@@ -238,8 +227,8 @@ def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:
     if is_verl_fsdp(ref.path):
         return _open_verl_fsdp(ref)
     config_path = ref.path / CONFIG_FILE
-    config = _read_config(config_path)
-    _refuse_unsupported(config_path, config)
+    config = read_config(config_path)
+    refuse_unsupported(config_path, config)
     weights_path = next(
         (
             ref.path / name
@@ -261,72 +250,12 @@ def _open_verl_fsdp(ref: CheckpointRef) -> AdapterCheckpoint:
     shards = VerlShards(ref.path)
     paths = sorted({normalise_key(key)[: normalise_key(key).rfind(".lora_")] for key in shards.shapes})
     config = verl_lora_config(ref.path, paths)
-    _refuse_unsupported(ref.path / LORA_META, config)
+    refuse_unsupported(ref.path / LORA_META, config)
     tensor_file = _TensorFile(shards.files[0], shards)
     modules, carried = _map_keys(shards.files[0], tensor_file.shapes, config)
     checkpoint = AdapterCheckpoint(ref, config, tensor_file, modules, carried)
     checkpoint.files = shards.files
     return checkpoint
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    return read_json_object(path, missing=f"{path.parent}: no {CONFIG_FILE} beside the adapter weights")
-
-
-def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
-    """Refuse, naming the field, every config whose merge is not PEFT's plain additive LoRA."""
-    peft_type = str(config.get("peft_type") or "LORA")
-    if peft_type.upper() != "LORA":
-        raise UserError(f"{path}: peft_type={peft_type!r} is not supported (only LoRA adapters are)")
-    reasons = {
-        "use_dora": "DoRA rescales each row of W0 + ΔW, so its update is not additive",
-        "lora_bias": "LoRA biases (lora_B.bias) are not supported",
-        "target_parameters": "LoRA on raw parameters (MoE experts) is not supported",
-        "layer_replication": "replicated layers cannot be mapped onto the base checkpoint",
-        "trainable_token_indices": "trainable token rows are not supported",
-    }
-    reasons.update({field: "this LoRA variant's merge is not W0 + s·B·A" for field in _VARIANT_FIELDS})
-    for field, why in reasons.items():
-        if config.get(field):
-            raise UserError(f"{path}: {field}={config[field]!r} is not supported ({why})")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise UserError(
-            f"{path}: init_lora_weights={init!r} rewrites the base weights, so these adapters are relative "
-            "to a residual model; the initial adapter is needed: convert each checkpoint with PEFT's "
-            "path_initial_model_for_weight_conversion (LLaMA-Factory: pissa_convert) and pass the "
-            "converted adapters"
-        )
-    alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise UserError(
-            f"{path}: lora_alpha={alpha!r} is not a usable alpha (verl's model merger writes 0): set the "
-            "real lora_alpha in this file (verl records it in lora_train_meta.json or "
-            "actor_rollout_ref.model.lora_alpha)"
-        )
-    _check_patterns(path, config)
-
-
-def _check_patterns(path: Path, config: dict[str, Any]) -> None:
-    """``rank_pattern``/``alpha_pattern`` map regular expressions to positive numbers (``UserError``)."""
-    for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
-        pattern = config.get(field)
-        if pattern in (None, {}):
-            continue
-        if not isinstance(pattern, dict):
-            raise UserError(
-                f"{path}: {field} must be a mapping of module patterns to values, got {pattern!r}"
-            )
-        for key, value in pattern.items():
-            try:
-                re.compile(rf"(.*\.)?({key})$")
-            except re.error as error:
-                raise UserError(
-                    f"{path}: {field} key {key!r} is not a valid regular expression ({error})"
-                ) from None
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or value <= 0 or (kind is int and value != int(value)):
-                raise UserError(f"{path}: {field}[{key!r}] = {value!r} is not a positive {kind.__name__}")
 
 
 def normalise_key(key: str) -> str:
@@ -388,7 +317,7 @@ def _map_keys(
     rank_disagreements: list[str] = []
     for module_path, roles in pairs.items():
         module = _lora_module(path, module_path, roles, shapes, config)
-        configured_r = _pattern_value(config.get("rank_pattern"), module_path, config.get("r", 8))
+        configured_r = pattern_value(config.get("rank_pattern"), module_path, config.get("r", 8))
         if configured_r != module.rank:
             rank_disagreements.append(
                 f"{module_path}: r={module.rank} in the file, {configured_r} in the config"
@@ -424,7 +353,7 @@ def _lora_module(
         raise UserError(
             f"{path}: {module_path} has LoRA factors of shapes {shape_a} and {shape_b}, which do not fit"
         )
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module_path, config.get("lora_alpha", 8)))
+    alpha = float(pattern_value(config.get("alpha_pattern"), module_path, config.get("lora_alpha", 8)))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     transposed = embedding or bool(config.get("fan_in_fan_out"))
     shape = (shape_a[1], shape_b[0]) if transposed else (shape_b[0], shape_a[1])
@@ -438,16 +367,6 @@ def _lora_module(
         key_a=key_a,
         key_b=key_b,
     )
-
-
-def _pattern_value(pattern: Any, module_path: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key`` lookup: the first key (dict order) whose ``(.*\\.)?(KEY)$`` matches wins."""
-    if not isinstance(pattern, dict):
-        return default
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
 
 
 def check_same_targets(adapters: Sequence[AdapterCheckpoint]) -> None:

@@ -30,7 +30,7 @@ from nexttools.lowrank import LowRankFactors
 from nexttools.predictor import TrainedPredictor
 from nexttools.run import Change, OpenedRun
 from nexttools.store import DeltaArrays
-from nexttools.trajectory import Trajectory
+from nexttools.store.trajectory import Trajectory
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from nexttools.errors import UserError
 from nexttools.methods.base import Jump, JumpRequest, Method, target_step
 from nexttools.predictor import TrainedPredictor
 from nexttools.store import DeltaArrays, TrajectoryStore
-from nexttools.trajectory import Trajectory, as_trajectory
+from nexttools.store.trajectory import Trajectory, as_trajectory
 
 
 def _previous_interval(trajectory: Trajectory, r: int) -> tuple[DeltaArrays, int] | None:

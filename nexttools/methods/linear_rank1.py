@@ -16,7 +16,7 @@ import numpy as np
 from nexttools.methods.base import Jump, JumpRequest, Method, rank1_change, step_points, target_step
 from nexttools.predictor import TrainedPredictor
 from nexttools.store import DeltaArrays, TrajectoryStore
-from nexttools.trajectory import Trajectory, as_trajectory, per_column, segment_norms
+from nexttools.store.trajectory import Trajectory, as_trajectory, per_column, segment_norms
 
 
 def linear_rank1(source: TrajectoryStore | Trajectory, row: int = -1) -> DeltaArrays:

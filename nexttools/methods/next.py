@@ -7,7 +7,7 @@ import numpy as np
 from nexttools.methods.base import Jump, JumpRequest, Method, rank1_change, target_step
 from nexttools.predictor import TrainedPredictor
 from nexttools.store import DeltaArrays
-from nexttools.trajectory import Trajectory
+from nexttools.store.trajectory import Trajectory
 
 
 class NExt(Method):

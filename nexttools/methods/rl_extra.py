@@ -17,7 +17,7 @@ from nexttools.errors import UserError
 from nexttools.methods.base import Jump, JumpRequest, Method, checkpoint_spacing, target_step
 from nexttools.predictor import TrainedPredictor
 from nexttools.store import DeltaArrays
-from nexttools.trajectory import Trajectory
+from nexttools.store.trajectory import Trajectory
 
 
 def step_ratio(steps: np.ndarray, k: int, alpha: float) -> float:

@@ -17,9 +17,10 @@ from typing import Any
 from safetensors.torch import load_file, save
 
 from nexttools.errors import UserError
-from nexttools.predictor import Architecture, SigmaScale, TrainedPredictor, TrajectoryNet
+from nexttools.predictor.network import Architecture, SigmaScale, TrajectoryNet
+from nexttools.predictor.trained import TrainedPredictor
 from nexttools.store import TrajectoryStore
-from nexttools.trajectory import Trajectory
+from nexttools.store.trajectory import Trajectory
 from nexttools.workdir import Workdir
 
 PREDICTOR_FORMAT = "nexttools.predictor"

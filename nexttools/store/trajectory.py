@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from nexttools.errors import UserError
-from nexttools.store import DeltaArrays, TrajectoryStore
+from nexttools.store.reader import TrajectoryStore
+from nexttools.store.schema import DeltaArrays
 
 
 @dataclass(frozen=True)
