@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_extract, bench_extrapolate, bench_fit, bench_verl_shards
+from benchmarks import (
+    bench_extract,
+    bench_extrapolate,
+    bench_fit,
+    bench_load,
+    bench_reads,
+    bench_scale,
+    bench_verl_shards,
+)
 from benchmarks.common import qwen_run
 
 WORKDIR = Path("bench-out/work")
@@ -23,7 +31,7 @@ RESULTS = Path("bench-out/results.json")
 def table(results: dict) -> str:
     """The Markdown table recorded in the README."""
     ex, fi, xp = results["extract"], results["fit"], results["extrapolate"]
-    vs = results["verl_shards"]
+    vs, rd, ld, sc = results["verl_shards"], results["reads"], results["load"], results["scale"]
     rows = [
         (
             "extract, vs reading the adapters with safetensors",
@@ -59,6 +67,34 @@ def table(results: dict) -> str:
             "",
             f"< {xp['rss_bound_mib']:.0f} MiB",
         ),
+        (
+            'tensor reads, `safe_open(backend="pread")` vs nexttools\' positioned reads',
+            f"{rd['pread_over_nexttools']:.1f}× the time",
+            f"{rd['safe_open-pread_seconds']:.1f} s vs {rd['nexttools_seconds']:.1f} s for "
+            f"{rd['file_mib'] / 1024:.1f} GiB; peak RSS {rd['safe_open-pread_peak_rss_mib']:.0f} vs "
+            f"{rd['nexttools_peak_rss_mib']:.0f} MiB "
+            f"(memory map: {rd['safe_open-mmap_peak_rss_mib']:.0f} MiB)",
+            "swap only if ≤ 1× at equal RSS",
+        ),
+    ]
+    rows += [
+        (
+            f"{name}, beside one CPU-bound process / alone",
+            f"{ld[f'{name}_loaded_over_idle']:.2f}×",
+            f"{ld[f'{name}_loaded_seconds']:.0f} s vs {ld[f'{name}_idle_seconds']:.0f} s",
+            "≤ 2×",
+        )
+        for name in ("extract", "fit")
+    ]
+    rows += [
+        (
+            f"{name}, Llama-3-8B-shaped run (4 of 32 layers, r = 64, 15 checkpoints)",
+            f"{sc[f'{name}_seconds']:.0f} s, peak RSS {sc[f'{name}_peak_rss_mib']:.0f} MiB",
+            f"projected: 8B {sc[f'projected_{name}_seconds_8b'] / 60:.1f} min, "
+            f"70B {sc[f'projected_{name}_seconds_70b'] / 60:.0f} min",
+            f"RSS < {sc['rss_bound_mib']} MiB",
+        )
+        for name in ("extract", "extrapolate")
     ]
     lines = ["| figure | measured | detail | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -79,6 +115,9 @@ def main() -> None:
     results["fit"] = bench_fit.main(WORKDIR)
     results["extrapolate"] = bench_extrapolate.main(WORKDIR)
     results["verl_shards"] = bench_verl_shards.main(WORKDIR / "verl")
+    results["reads"] = bench_reads.main()
+    results["load"] = bench_load.main(WORKDIR)
+    results["scale"] = bench_scale.main()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

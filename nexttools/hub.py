@@ -155,6 +155,23 @@ def _upload_view(folder: Path, manifest: Manifest, repo_id: str) -> Iterator[Pat
         shutil.rmtree(view, ignore_errors=True)
 
 
+@contextmanager
+def _commit_urls_read_against(endpoint: str) -> Iterator[None]:
+    """Make huggingface_hub read the commit URL it gets back against ``endpoint``.
+
+    Before 1.0 ``CommitInfo`` parses it against the global ``constants.ENDPOINT``, not the
+    ``HfApi``'s own endpoint, so a push to any other endpoint (``--endpoint``) uploaded everything and
+    then failed with a ValueError. Only the upload call is wrapped (other calls build their URLs from
+    templates fixed at import, which the change would break); the global is restored afterwards.
+    """
+    previous = constants.ENDPOINT
+    constants.ENDPOINT = endpoint
+    try:
+        yield
+    finally:
+        constants.ENDPOINT = previous
+
+
 def _push_view(
     folder: Path,
     manifest: Manifest,
@@ -196,15 +213,16 @@ def _push_view(
             + (" (keeping the repo's README.md; --overwrite-card replaces it)" if keep_card else ""),
             soft_wrap=True,  # a URL must stay on one line to be copied
         )
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            revision=None if create_pr else branch,
-            create_pr=create_pr,
-            commit_message=commit_message or _default_message(manifest),
-            ignore_patterns=[CARD_NAME] if keep_card else None,
-        )
+        with _commit_urls_read_against(endpoint):
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                revision=None if create_pr else branch,
+                create_pr=create_pr,
+                commit_message=commit_message or _default_message(manifest),
+                ignore_patterns=[CARD_NAME] if keep_card else None,
+            )
     return PushResult(
         repo_id=repo_id,
         repo_url=str(repo_url),

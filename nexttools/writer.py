@@ -24,17 +24,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 
 from nexttools.errors import UserError
 from nexttools.locking import exclusive_lock
@@ -89,32 +91,23 @@ class Shard:
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_size_bytes: int) -> list[Shard]:
-    """Split ``specs`` greedily, in order, into shards of at most ``max_shard_size_bytes`` of data.
+    """Split ``specs`` into shards of at most ``max_shard_size_bytes`` of data, as transformers does.
 
-    A new shard starts when the next tensor would push the current one over the limit; a tensor
-    larger than the limit gets a shard of its own (the transformers/huggingface_hub rule). Within a
-    shard, tensors are ordered by element size, largest first (stable), so every tensor is aligned.
+    The grouping is ``huggingface_hub.split_torch_state_dict_into_shards``'s, planned from meta
+    tensors (no memory): tensors fill a shard in order until the next one would overflow it, and a
+    tensor larger than the limit gets a shard of its own while the open shard goes on filling. Within
+    a shard, tensors are ordered by element size, largest first (stable), so every tensor is aligned.
     """
     if max_shard_size_bytes <= 0:
         raise UserError(f"--max-shard-size must be positive, got {max_shard_size_bytes} bytes")
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
+    by_name = {spec.name: spec for spec in specs}
+    if len(by_name) != len(specs):
         raise ValueError("tensor names must be unique")
-    groups: list[list[TensorSpec]] = []
-    size = 0
-    for spec in specs:
-        if not groups or size + spec.nbytes > max_shard_size_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(spec)
-        size += spec.nbytes
-    count = len(groups)
+    meta = {spec.name: torch.empty(spec.shape, dtype=spec.dtype, device="meta") for spec in specs}
+    split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size_bytes)
     return [
-        Shard(
-            SINGLE_FILE if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors",
-            tuple(sorted(group, key=lambda spec: -spec.dtype.itemsize)),
-        )
-        for i, group in enumerate(groups)
+        Shard(file, tuple(sorted((by_name[name] for name in names), key=lambda s: -s.dtype.itemsize)))
+        for file, names in split.filename_to_tensors.items()
     ]
 
 
@@ -197,28 +190,57 @@ class ShardedWriter:
         at most one write is in flight, so memory holds at most two tensors. A write error (a full
         disk) is raised by the next :meth:`add` or by :meth:`finish`.
         """
+        shard, spec = self._next_spec(name)
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"{name}: planned {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        self._next += 1
+        self._submit(shard, spec, tensor.detach().to("cpu").contiguous().reshape(-1), last=True)
+
+    def add_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Queue the next tensor of the plan as consecutive flat pieces of its dtype, in order.
+
+        A copy through pieces never holds the whole tensor (an 8B model's 1 GB embedding streams
+        through in blocks): one piece is written while the next is read.
+        """
+        shard, spec = self._next_spec(name)
+        self._next += 1  # a piece refused below leaves a partial shard: the staged output is discarded
+        count = math.prod(spec.shape)
+        written, pending = 0, None
+        for piece in pieces:
+            if piece.dtype != spec.dtype:
+                raise ValueError(f"{name}: planned {spec.dtype}, got a {piece.dtype} piece")
+            if pending is not None:
+                self._submit(shard, spec, pending, last=False)
+            pending = piece.detach().to("cpu").contiguous().reshape(-1)
+            written += pending.numel()
+        if pending is None or written != count:
+            raise ValueError(f"{name}: planned {count} elements, got {written} in pieces")
+        self._submit(shard, spec, pending, last=True)
+
+    def _next_spec(self, name: str) -> tuple[Shard, TensorSpec]:
         if self._next >= len(self._queue):
             raise ValueError(f"{name}: every planned tensor has already been written")
         shard_index, spec = self._queue[self._next]
         if name != spec.name:
             raise ValueError(f"expected tensor {spec.name!r} next, got {name!r}")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(
-                f"{name}: planned {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}"
-            )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._wait()
-        self._pending = self._pool.submit(self._write, self.shards[shard_index], spec, data)
-        self._next += 1
+        return self.shards[shard_index], spec
 
-    def _write(self, shard: Shard, spec: TensorSpec, data: torch.Tensor) -> None:
-        """Append ``data`` to ``shard``'s file (in the writer thread): header first, close after the last."""
+    def _submit(self, shard: Shard, spec: TensorSpec, data: torch.Tensor, *, last: bool) -> None:
+        """Hand ``data`` (flat, CPU) to the writer thread once the write in flight is done."""
+        self._wait()
+        self._pending = self._pool.submit(self._write, shard, spec, data, last)
+
+    def _write(self, shard: Shard, spec: TensorSpec, data: torch.Tensor, last: bool) -> None:
+        """Append ``data`` to ``shard``'s file (in the writer thread): header first; the file is closed
+        after the ``last`` piece of the shard's last tensor."""
         if self._file is None:
             self._file = open(self.out_dir / shard.file, "wb")  # noqa: SIM115 - spans several calls
             self._file.write(_header(shard))
         if data.numel():
             self._file.write(data.view(torch.uint8).numpy().data)
-        if spec is shard.tensors[-1]:
+        if last and spec is shard.tensors[-1]:
             self._close_file()
 
     def _wait(self) -> None:

@@ -184,7 +184,9 @@ class HubStub:
         elif repo_id in self.repos:
             _send(handler, 409, {"error": "You already created this model repo", "url": self._url(repo_id)})
         else:
-            self.add_repo(repo_id, private=payload.get("visibility") == "private")
+            # huggingface_hub >= 1.0 sends {"visibility": "private"}, older ones {"private": true}.
+            private = payload.get("visibility") == "private" or payload.get("private") is True
+            self.add_repo(repo_id, private=private)
             self.repos[repo_id].commits.append({"create": payload})
             _send(handler, 200, {"url": self._url(repo_id)})
 

@@ -50,13 +50,15 @@ def _write(out: Path, tensors: dict[str, torch.Tensor], limit: int) -> ShardedWr
 
 def test_plan_is_greedy_and_gives_oversized_tensors_their_own_shard() -> None:
     specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in _tensors().items()]
-    shards = plan_shards(specs, 1000)
+    shards = plan_shards(specs, 540)
     groups = [sorted(spec.name for spec in shard.tensors) for shard in shards]
-    assert groups == [["a.weight", "b.norm", "c.weight"], ["d.big"], ["e.ids", "f.mask", "g.scalar"]]
+    # huggingface_hub's rule (transformers' save_pretrained): a shard closes when the next tensor
+    # would overflow it (a: 512 B, then b); an oversized tensor gets its own shard when it is met,
+    # and the open shard goes on filling after it.
+    assert groups == [["a.weight"], ["d.big"], ["b.norm", "c.weight", "e.ids", "f.mask", "g.scalar"]]
     assert [shard.file for shard in shards] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     # Larger element sizes first within a shard, so that every tensor is aligned.
-    assert [spec.name for spec in shards[0].tensors] == ["a.weight", "b.norm", "c.weight"]
-    assert [spec.name for spec in shards[2].tensors] == ["e.ids", "g.scalar", "f.mask"]
+    assert [spec.name for spec in shards[2].tensors] == ["e.ids", "g.scalar", "b.norm", "c.weight", "f.mask"]
     assert [shard.file for shard in plan_shards(specs, 10**6)] == [SINGLE_FILE]
     with pytest.raises(UserError):
         plan_shards(specs, 0)
@@ -66,7 +68,7 @@ def test_sharded_output_round_trips_bit_for_bit(tmp_path: Path) -> None:
     tensors = _tensors()
     writer = _write(tmp_path, tensors, 1000)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == sorted(writer.files) and len(writer.files) == 4 and INDEX_FILE in files
+    assert files == sorted(writer.files) and len(writer.files) == 3 and INDEX_FILE in files
     assert writer.file_sizes() == {name: (tmp_path / name).stat().st_size for name in files}
     index_text = (tmp_path / INDEX_FILE).read_text()
     index = json.loads(index_text)
@@ -205,3 +207,41 @@ def test_stale_partials_of_dead_processes_are_removed(tmp_path: Path) -> None:
     with staged_folder(tmp_path / "out", overwrite=False, needed_bytes=0) as staging:
         (staging / MANIFEST_NAME).write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_plan_groups_tensors_as_transformers_save_pretrained_does(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path, max_shard_size="60KB")
+    weight_map = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
+    state = model.state_dict()
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    planned = {spec.name: shard.file for shard in plan_shards(specs, 60_000) for spec in shard.tensors}
+    assert len(set(weight_map.values())) > 2 and planned == weight_map
+
+
+def test_a_tensor_written_in_pieces_is_the_same_file(tmp_path: Path) -> None:
+    """add_pieces (a copy in blocks) writes the very bytes add writes; a short stream is refused."""
+    tensors = _tensors()
+    for folder in ("whole", "pieces", "short"):
+        (tmp_path / folder).mkdir()
+    whole = _write(tmp_path / "whole", tensors, 1000)
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    with ShardedWriter(tmp_path / "pieces", 1000, specs) as writer:
+        for name in writer.names:
+            flat = tensors[name].reshape(-1)
+            writer.add_pieces(name, [flat[i : i + 7] for i in range(0, max(flat.numel(), 1), 7)])
+        writer.finish()
+    for file in whole.files:
+        assert (tmp_path / "pieces" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes(), file
+    with (
+        ShardedWriter(tmp_path / "short", 1000, specs) as writer,
+        pytest.raises(ValueError, match="elements"),
+    ):
+        name = writer.names[0]
+        writer.add_pieces(name, [tensors[name].reshape(-1)[:3]])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,26 @@ class SafetensorsHeader:
                     raise UserError(f"{self.path}: file was truncated while being read")
                 done += count
         return buffer.view(info.dtype).reshape(info.shape)
+
+    def read_blocks(self, name: str, block_bytes: int) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as consecutive flat pieces of its dtype, each at most ``block_bytes`` (whole
+        elements; at least one piece, empty for an empty tensor): a copy that never holds the whole
+        tensor, so that an embedding larger than memory's budget streams through."""
+        info = self.tensors[name]
+        item = info.dtype.itemsize
+        step = max(item, block_bytes // item * item)
+        with self.path.open("rb", buffering=0) as handle:
+            handle.seek(len(self.raw) + info.begin)
+            for start in range(info.begin, max(info.end, info.begin + 1), step):
+                nbytes = min(step, info.end - start)
+                buffer = torch.empty(nbytes, dtype=torch.uint8)
+                view, done = buffer.numpy().data, 0
+                while done < nbytes:
+                    count = handle.readinto(view[done:])
+                    if not count:
+                        raise UserError(f"{self.path}: file was truncated while being read")
+                    done += count
+                yield buffer.view(info.dtype)
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
@@ -243,6 +264,11 @@ class ModelWeights:
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name`` on CPU, in its stored dtype and shape, in a new buffer (freed with it)."""
         return self._header(name).read(name)
+
+    def blocks(self, name: str, block_bytes: int) -> Iterator[torch.Tensor]:
+        """The tensor ``name`` as flat pieces of at most ``block_bytes``
+        (:meth:`SafetensorsHeader.read_blocks`)."""
+        return self._header(name).read_blocks(name, block_bytes)
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:

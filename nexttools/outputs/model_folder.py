@@ -24,6 +24,8 @@ from nexttools.run import Change
 from nexttools.writer import ShardedWriter, TensorSpec
 
 CONFIG_NAME = "config.json"
+COPY_BLOCK_BYTES = 32 * 2**20
+"""Tensors copied from the template stream through in blocks of this size (three in memory at most)."""
 GENERATION_CONFIG = "generation_config.json"
 # Tokenizer and chat-template files (mergekit's list, plus vocab.json and the VLM processor configs).
 TOKENIZER_FILES = (
@@ -159,8 +161,12 @@ def write_model(
                 tensor = exact.to(dtype)
             else:
                 override = overrides(name)
-                source = override if override is not None else plan.template.get(plan.source_name[name])
-                tensor = source.to(dtype)
+                if override is None:  # copied in blocks: a 1 GB embedding never sits in memory whole
+                    blocks = plan.template.blocks(plan.source_name[name], COPY_BLOCK_BYTES)
+                    writer.add_pieces(name, (block.to(dtype) for block in blocks))
+                    bar.advance(task)
+                    continue
+                tensor = override.to(dtype)
             writer.add(name, tensor)
             bar.advance(task)
         writer.finish()
