@@ -54,6 +54,39 @@ def dense_reference_seconds(run: Path, k: int = 5) -> dict[str, float]:
     return {"per_kind_seconds": per_kind, "scaled_total_seconds": total}
 
 
+def gram_floor_seconds(run: Path, k: int = 5) -> float:
+    """The floor: only the float64 Gram products ``extract`` needs, on the same factors, timed alone.
+
+    Per module and checkpoint i, for each side X ∈ {s·B, Aᵀ} (rows × r and cols × r), the products
+    X_iᵀ X_j for j = i (the self Gram) and i−1 … i−k−1 (the local delta, the Gram band of
+    ``consistency``, and i−k: the target delta of row i−k), each unordered pair once. The factors are
+    read and converted to float64 first, untimed; one module at a time, as extract holds them.
+    """
+    steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    config = json.loads((run / f"checkpoint-{steps[-1]}" / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    paths = [run / f"checkpoint-{s}" / "adapter_model.safetensors" for s in steps]
+    handles = [safe_open(path, "pt") for path in paths]
+    total = 0.0
+    for layer in range(LAYERS):
+        for name, (block, _, _) in PROJECTIONS.items():
+            key = f"base_model.model.model.layers.{layer}.{block}.{name}"
+            sides = [
+                (
+                    (scaling * h.get_tensor(f"{key}.lora_B.weight")).double(),
+                    h.get_tensor(f"{key}.lora_A.weight").double().T.contiguous(),
+                )
+                for h in handles
+            ]
+            start = time.perf_counter()
+            for i in range(len(steps)):
+                for j in range(max(i - k - 1, 0), i + 1):
+                    for side in (0, 1):
+                        _ = sides[i][side].T @ sides[j][side]
+            total += time.perf_counter() - start
+    return total
+
+
 def main(workdir: Path | None = None) -> dict:
     """Time ``extract`` into ``workdir`` (kept, for the fit and extrapolate benchmarks) or a scratch one."""
     base, run = qwen_run()
@@ -76,7 +109,10 @@ def main(workdir: Path | None = None) -> dict:
         if scratch:
             shutil.rmtree(workdir, ignore_errors=True)
     reference = dense_reference_seconds(run)
+    floor = gram_floor_seconds(run)
     return {
+        "gram_floor_seconds": floor,
+        "extract_over_floor": child["seconds"] / floor,
         "adapter_bytes": nbytes,
         "raw_read_seconds": raw_read_seconds,
         "read_seconds": read_seconds,
