@@ -38,6 +38,7 @@ from nexttools.card import CARD_NAME, render_model_card
 from nexttools.console import console
 from nexttools.errors import UserError
 from nexttools.manifest import MANIFEST_NAME, Manifest, verify_output
+from nexttools.options import argument, option
 
 MAX_FILE_BYTES = 50 * 10**9
 """The Hub's hard limit per file (50 GB, decimal as the Hub states it); it answers 413 above it."""
@@ -68,34 +69,38 @@ class PushResult:
         return summary
 
 
-def push(
-    folder: Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-    endpoint: str | None = None,
-    overwrite_card: bool = False,
-) -> PushResult:
-    """Upload the nexttools output ``folder`` to the model repo ``repo_id`` (``owner/name``).
+@dataclass(frozen=True)
+class PushOptions:
+    """Inputs of :func:`push`; each field is also its command-line option (:mod:`nexttools.options`).
 
-    Args:
-        private: create the repo private. An existing public repo is refused rather than silently
-            published to (the Hub ignores the visibility of an existing repo). Without it, a new repo
-            follows the namespace's default visibility.
-        revision: branch to commit to (created from the default branch when missing); None: main.
-        create_pr: open a pull request against the default branch instead of committing to it.
-        token: access token; None: ``HF_TOKEN`` or the saved login.
-        endpoint: Hub URL; None: ``HF_ENDPOINT`` or https://huggingface.co.
-        overwrite_card: replace a README.md already in the repo (kept by default).
+    An existing public repo is refused under ``private`` rather than silently published to (the Hub
+    ignores the visibility of an existing repo); without it a new repo follows its namespace's
+    default. ``revision`` is created from the default branch when missing.
+    """
+
+    folder: Path = argument("A complete, unmodified output folder of `nexttools extrapolate`.", kind="dir")
+    repo_id: str = argument("The model repo, owner/name.")
+    private: bool = option(
+        False, "Create the repo private (a new repo otherwise follows its owner's default)."
+    )
+    revision: str | None = option(
+        None, "Branch to commit to; created from main when missing.  [default: main]"
+    )
+    create_pr: bool = option(False, "Open a pull request against main instead of committing to it.")
+    commit_message: str | None = option(None, "Commit title.  [default: method, α, k and step]")
+    token: str | None = option(None, "Hub access token.  [default: HF_TOKEN or the saved `hf auth login`]")
+    endpoint: str | None = option(None, "Hub URL.  [default: https://huggingface.co]", envvar="HF_ENDPOINT")
+    overwrite_card: bool = option(False, "Replace a README.md that the repo already has.")
+
+
+def push(options: PushOptions) -> PushResult:
+    """Upload the nexttools output ``options.folder`` to the model repo ``options.repo_id``.
 
     Returns: a :class:`PushResult` with the commit URL.
     Raises: :class:`UserError` (one line) for every failure a user can cause or fix.
     """
-    folder = Path(folder)
+    folder, repo_id, token = Path(options.folder), options.repo_id, options.token
+    revision, create_pr = options.revision, options.create_pr
     _check_repo_id(repo_id)
     if create_pr and revision not in (None, DEFAULT_BRANCH):
         raise UserError(
@@ -114,12 +119,12 @@ def push(
             manifest,
             repo_id,
             token=token,
-            endpoint=endpoint,
-            private=private,
+            endpoint=options.endpoint,
+            private=options.private,
             revision=revision,
             create_pr=create_pr,
-            commit_message=commit_message,
-            overwrite_card=overwrite_card,
+            commit_message=options.commit_message,
+            overwrite_card=options.overwrite_card,
         )
 
 

@@ -12,6 +12,7 @@ from nexttools.cli import cli
 from nexttools.extract import ExtractOptions
 from nexttools.extrapolate import ExtrapolateOptions
 from nexttools.fit import FitOptions
+from nexttools.hub import PushOptions
 from nexttools.inspect_run import InspectOptions
 from nexttools.options import OPTION_KEY
 from tests.cli_helpers import assert_one_line_error, invoke
@@ -22,6 +23,7 @@ COMMANDS = [
     ("backtest", BacktestOptions, ["--eval-cmd", "score {model}"], {"eval_cmd": "score {model}"}),
     ("extrapolate", ExtrapolateOptions, [], {}),
     ("inspect", InspectOptions, [], {}),
+    ("push", PushOptions, ["out", "me/model"], {"folder": Path("out"), "repo_id": "me/model"}),
 ]
 
 

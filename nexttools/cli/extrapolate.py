@@ -11,6 +11,7 @@ from nexttools.cli import cli
 from nexttools.cli.options import command_line, declared
 from nexttools.console import console
 from nexttools.extrapolate import ExtrapolateOptions, extrapolate
+from nexttools.hub import PushOptions, push
 from nexttools.methods import METHODS
 from nexttools.outputs import OUTPUTS
 
@@ -33,16 +34,7 @@ EPILOG = "\n\n".join(
 @cli.command("extrapolate", epilog=EPILOG)
 @declared(ExtrapolateOptions)
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Then push the output.")
-@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-@click.option(
-    "--token",
-    default=None,
-    show_default=False,
-    help="With --push-to-hub: Hub token.  [default: HF_TOKEN or the saved login]",
-)
-@click.option(
-    "--endpoint", envvar="HF_ENDPOINT", default=None, show_envvar=True, help="With --push-to-hub: Hub URL."
-)
+@declared(PushOptions, only=("private", "token", "endpoint"))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def extrapolate_command(
     push_to_hub: str | None,
@@ -73,10 +65,9 @@ def extrapolate_command(
             console.print(f"  {name}  {size / 1e6:.2f} MB")
     document = summary.document()
     if push_to_hub and not options.dry_run:
-        from nexttools.hub import push
-
         try:
-            pushed = push(summary.out, push_to_hub, private=private, token=token, endpoint=endpoint)
+            target = PushOptions(summary.out, push_to_hub, private=private, token=token, endpoint=endpoint)
+            pushed = push(target)
         except UserError as error:  # the model is written and whole: say how to retry the push alone
             raise UserError(
                 f"{error} (the output is complete at {summary.out}; retry with `nexttools push`)"

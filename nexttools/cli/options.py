@@ -126,13 +126,14 @@ def _human_size(size: int) -> str:
     return str(size)
 
 
-def declared(options_class: type) -> Callable[[F], F]:
-    """Add the click parameters of every option field of the dataclass ``options_class``."""
+def declared(options_class: type, only: tuple[str, ...] | None = None) -> Callable[[F], F]:
+    """Add the click parameters of every option field of the dataclass ``options_class`` (of the
+    fields named in ``only``, when a command borrows a few of another's options)."""
     hints = typing.get_type_hints(options_class)
     params = [
         _param(field, hints[field.name], field.metadata[OPTION_KEY])
         for field in dataclasses.fields(options_class)
-        if OPTION_KEY in field.metadata
+        if OPTION_KEY in field.metadata and (only is None or field.name in only)
     ]
 
     def add(function: F) -> F:
