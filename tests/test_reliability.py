@@ -366,6 +366,10 @@ _HOOKS = {
 
 def _signal_run(args: list[str], command: str, sig: signal.Signals, marker: Path) -> tuple[int, str]:
     script = (
+        # Ctrl-C as a terminal delivers it, even when this suite runs in the background (a shell
+        # starts background jobs with SIGINT ignored, and the child would inherit that).
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import sys, time\n"
         "from pathlib import Path\n"
         "def started(function):\n"
