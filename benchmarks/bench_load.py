@@ -4,7 +4,7 @@ Each command runs twice on the Qwen-shaped run, in its own child process: alone,
 process (a pure-Python loop) beside it. The figure is the ratio of the two wall times; the target is
 at most 2×. On 2 cores one busy process takes half the machine, so about 2× is what a command that
 uses both cores must expect, and anything far above it is threads waiting for each other (OpenMP
-threads spinning on a core they share with another process: the CLI sets ``OMP_WAIT_POLICY=PASSIVE``).
+threads spinning on a core they share with another process; see the README's "Benchmarks").
 
     python -m benchmarks.bench_load         # also part of `make bench`
 """

@@ -25,33 +25,3 @@ def test_unknown_or_unsupported_devices_are_refused(spec: str, message: str) -> 
 def test_cuda_without_a_gpu_names_the_option() -> None:
     with pytest.raises(UserError, match=r"--device cuda:1: torch sees no CUDA device"):
         resolve_device("cuda:1")
-
-
-PROBE = """
-import builtins, os
-real_import, seen = builtins.__import__, []
-def watch(name, *args, **kwargs):
-    if name == "torch" and not seen:  # the value OpenMP will read: the one when torch first loads
-        seen.append(os.environ.get("OMP_WAIT_POLICY"))
-    return real_import(name, *args, **kwargs)
-builtins.__import__ = watch
-import nexttools.cli
-print(seen[0])
-"""
-
-
-def test_the_cli_makes_idle_openmp_threads_sleep_unless_told_otherwise() -> None:
-    """Spinning OpenMP threads made `fit` 20× slower on a shared node: the CLI asks for PASSIVE
-    before torch is first imported, and keeps a value the user set."""
-    import os
-    import subprocess
-    import sys
-
-    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        if given is not None:
-            env["OMP_WAIT_POLICY"] = given
-        done = subprocess.run(
-            [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
-        )
-        assert done.stdout.strip() == expected

@@ -14,7 +14,6 @@ by the code that made it on the way out, exactly as for an error.
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import sys
 from types import FrameType
@@ -98,12 +97,6 @@ def main() -> None:
         where = f" {error.filename}" if error.filename else ""
         _fail(f"cannot use{where}: {error.strerror or error}", 2)
 
-
-# OpenMP threads that wait for work sleep instead of spinning, unless the user chose otherwise. Set
-# before torch is first imported (by the subcommands, below), the only time OpenMP reads it. On a
-# shared node a spinning thread burns the core that its sibling needs: `fit` on the demo store took
-# 366 s with two other processes on the 2 cores, 22 s with PASSIVE (17.7 s single-threaded).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Subcommands register themselves on `cli`; imported last so that they can import it.
 from nexttools.cli import backtest, extract, extrapolate, fit, inspect, push  # noqa: E402, F401
