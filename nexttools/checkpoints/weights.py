@@ -13,6 +13,7 @@ reference; the file data stays in the OS page cache, where it costs the process 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -76,17 +77,21 @@ class SafetensorsHeader:
         """Tensor ``name`` as stored (dtype, shape), in a new CPU buffer owned by the caller."""
         info = self.tensors[name]
         nbytes = info.end - info.begin
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        view = buffer.numpy().data
-        done = 0
         with self.path.open("rb", buffering=0) as handle:
             handle.seek(len(self.raw) + info.begin)
-            while done < nbytes:
-                count = handle.readinto(view[done:])
-                if not count:
-                    raise UserError(f"{self.path}: file was truncated while being read")
-                done += count
+            buffer = self._read_bytes(handle, nbytes)
         return buffer.view(info.dtype).reshape(info.shape)
+
+    def _read_bytes(self, handle: io.RawIOBase, nbytes: int) -> torch.Tensor:
+        """The next ``nbytes`` of ``handle`` into a fresh uint8 buffer (``UserError`` if truncated)."""
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = buffer.numpy().data, 0
+        while done < nbytes:
+            count = handle.readinto(view[done:])
+            if not count:
+                raise UserError(f"{self.path}: file was truncated while being read")
+            done += count
+        return buffer
 
     def read_blocks(self, name: str, block_bytes: int) -> Iterator[torch.Tensor]:
         """Tensor ``name`` as consecutive flat pieces of its dtype, each at most ``block_bytes`` (whole
@@ -98,15 +103,7 @@ class SafetensorsHeader:
         with self.path.open("rb", buffering=0) as handle:
             handle.seek(len(self.raw) + info.begin)
             for start in range(info.begin, max(info.end, info.begin + 1), step):
-                nbytes = min(step, info.end - start)
-                buffer = torch.empty(nbytes, dtype=torch.uint8)
-                view, done = buffer.numpy().data, 0
-                while done < nbytes:
-                    count = handle.readinto(view[done:])
-                    if not count:
-                        raise UserError(f"{self.path}: file was truncated while being read")
-                    done += count
-                yield buffer.view(info.dtype)
+                yield self._read_bytes(handle, min(step, info.end - start)).view(info.dtype)
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
