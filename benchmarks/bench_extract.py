@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -59,30 +60,36 @@ def gram_floor_seconds(run: Path, k: int = 5) -> float:
 
     Per module and checkpoint i, for each side X ∈ {s·B, Aᵀ} (rows × r and cols × r), the products
     X_iᵀ X_j for j = i (the self Gram) and i−1 … i−k−1 (the local delta, the Gram band of
-    ``consistency``, and i−k: the target delta of row i−k), each unordered pair once. The factors are
-    read and converted to float64 first, untimed; one module at a time, as extract holds them.
+    ``consistency``, and i−k: the target delta of row i−k), each unordered pair once. They are done
+    the fastest way measured here: the checkpoints' factors of one side stacked transposed, float64,
+    as one (C·r, d) block, and one GEMM per checkpoint, X_iᵀ against its k+1 predecessors and itself
+    (28 GFLOP/s against 15 for one pair at a time, on one core), with one thread per core, one module
+    per thread. The factors are read and converted first, untimed, a layer at a time.
     """
     steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
     config = json.loads((run / f"checkpoint-{steps[-1]}" / "adapter_config.json").read_text())
-    scaling = config["lora_alpha"] / config["r"]
+    scaling, rank = config["lora_alpha"] / config["r"], config["r"]
     paths = [run / f"checkpoint-{s}" / "adapter_model.safetensors" for s in steps]
     handles = [safe_open(path, "pt") for path in paths]
-    total = 0.0
-    for layer in range(LAYERS):
-        for name, (block, _, _) in PROJECTIONS.items():
-            key = f"base_model.model.model.layers.{layer}.{block}.{name}"
-            sides = [
-                (
-                    (scaling * h.get_tensor(f"{key}.lora_B.weight")).double(),
-                    h.get_tensor(f"{key}.lora_A.weight").double().T.contiguous(),
-                )
-                for h in handles
-            ]
-            start = time.perf_counter()
+    workers = torch.get_num_threads()
+
+    def products(sides: tuple[torch.Tensor, torch.Tensor]) -> None:
+        for stacked in sides:
             for i in range(len(steps)):
-                for j in range(max(i - k - 1, 0), i + 1):
-                    for side in (0, 1):
-                        _ = sides[i][side].T @ sides[j][side]
+                first = max(i - k - 1, 0)
+                _ = stacked[i * rank : (i + 1) * rank] @ stacked[first * rank : (i + 1) * rank].T
+
+    total = 0.0
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for layer in range(LAYERS):
+            modules = []
+            for name, (block, _, _) in PROJECTIONS.items():
+                key = f"base_model.model.model.layers.{layer}.{block}.{name}"
+                left = [(scaling * h.get_tensor(f"{key}.lora_B.weight")).T for h in handles]
+                right = [h.get_tensor(f"{key}.lora_A.weight") for h in handles]
+                modules.append((torch.cat(left).double(), torch.cat(right).double()))
+            start = time.perf_counter()
+            list(pool.map(products, modules))
             total += time.perf_counter() - start
     return total
 

@@ -9,10 +9,10 @@ Order of work, and why:
    unchanged are kept, new checkpoints are appended, newly computable targets are filled, and a
    changed checkpoint is recomputed with every row that depends on it.
 3. Compute module by module (outer loop) across the needed checkpoints (inner loop, step order):
-   each adapter tensor is read once, memory holds one module's operands over a window of k+1
-   checkpoints, and one :class:`~nexttools.lowrank.GramCache` per module lets a checkpoint's
-   decomposition serve its G, L and T. Full-weight runs stream dense deltas the same way, so at
-   most W_0 plus k+1 deltas of one module are alive.
+   each adapter tensor is read once, and memory holds one module's checkpoints over a window of
+   k+2 (:class:`~nexttools.lowrank.FactorWindow`: a checkpoint's float64 copy and its Gram blocks
+   with the others serve its G, L, T and Gram band rows). Full-weight runs stream dense deltas the
+   same way, so at most W_0 plus k+2 deltas of one module are alive.
 4. Sign-align every row in step order (kept rows included, so an appended G follows the stored
    chain) and write it into a new file that atomically replaces the store (:mod:`nexttools.store`).
 """
@@ -33,8 +33,7 @@ from nexttools.console import progress, warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.extract_plan import Plan, plan_rows
-from nexttools.extract_sources import Operand, Source, open_source
-from nexttools.frobenius import inner
+from nexttools.extract_sources import ModuleWindow, Source, open_source
 from nexttools.lowrank import Rank1, align_sign
 from nexttools.options import argument, device_option, option, store_option, workdir_option
 from nexttools.store import (
@@ -50,6 +49,7 @@ from nexttools.store import (
     partial_path,
     store_lock,
 )
+from nexttools.threads import cpu_workers, in_order, single_threaded_kernels
 from nexttools.workdir import Workdir
 
 
@@ -182,6 +182,10 @@ def extract(options: ExtractOptions) -> ExtractSummary:
     return summary
 
 
+# One module's rows per kind and Gram band (None when the store is up to date) and energy ratio.
+_ModuleResult = tuple[dict[DeltaKind, DeltaArrays] | None, np.ndarray | None, float | None]
+
+
 def _update_store(
     source: Source, fresh: StoreLayout, old: TrajectoryStore | None, store: Path
 ) -> ExtractSummary:
@@ -203,29 +207,32 @@ def _update_store(
     energy_load = source.reports_energy and last.source is not None and len(plan.rows) - 1 not in plan.needed
     steps_read = sorted({plan.rows[i].step for i in plan.needed} | ({last.step} if energy_load else set()))
 
+    def one_module(j: int) -> _ModuleResult:
+        window = source.window(layout.modules[j], slots=gram_lags(layout.k))
+        rows, gram, energy = None, None, None
+        if writer is not None:
+            old_band = old_gram[j] if old_gram is not None else None
+            rows, gram, energy = _module_rows(window, plan, j, layout.shapes[j], old, old_band)
+        if energy_load and last.source is not None:
+            window.hold(len(plan.rows) - 1, last.source)
+            energy = window.energy(len(plan.rows) - 1)
+        return rows, gram, energy
+
     energies: list[float] = []
     grams: list[np.ndarray] = []
+    workers = cpu_workers(source.device)
     writer = None if up_to_date else StoreWriter(store, layout)
     try:
-        with progress() as bar:
+        with progress() as bar, single_threaded_kernels():
             task = bar.add_task("extract", total=len(layout.modules))
-            for j, name in enumerate(layout.modules):
-                source.begin_module(name)
-                try:
-                    energy = None
-                    if writer is not None:
-                        old_band = old_gram[j] if old_gram is not None else None
-                        rows, gram, energy = _module_rows(
-                            source, plan, j, name, layout.shapes[j], old, old_band
-                        )
-                        for kind in KINDS:
-                            writer.write_module(kind, j, rows[kind])
-                        writer.write_gram(j, gram)
-                        grams.append(gram)
-                    if energy_load and last.source is not None:
-                        energy = source.energy(source.load(last.source, name))
-                finally:
-                    source.end_module()
+            results = in_order(one_module, range(len(layout.modules)), workers)
+            for j, (rows, gram, energy) in enumerate(results):
+                if writer is not None:
+                    assert rows is not None and gram is not None
+                    for kind in KINDS:
+                        writer.write_module(kind, j, rows[kind])
+                    writer.write_gram(j, gram)
+                    grams.append(gram)
                 if energy is not None and not math.isnan(energy):  # NaN: zero delta, no ratio
                     energies.append(energy)
                 bar.advance(task)
@@ -266,17 +273,16 @@ def _update_store(
 
 
 def _module_rows(
-    source: Source,
+    window: ModuleWindow,
     plan: Plan,
     index: int,
-    name: str,
     shape: tuple[int, int],
     old: TrajectoryStore | None,
     old_gram: np.ndarray | None,
 ) -> tuple[dict[DeltaKind, DeltaArrays], np.ndarray, float | None]:
     """All rows of one module: kept rows copied from ``old``, the others computed, then sign-aligned.
 
-    Operands are loaded in step order and dropped once older than the k+2 window that L, T and the
+    Checkpoints are held in step order and dropped once older than the k+2 window that L, T and the
     Gram band need. Returns the rows (``sigma (C,)``, ``u (C, out)``, ``v (C, in)``) per kind, the
     Gram band ``(C, k+2)`` (``old_gram``, the old store's ``(C_old, lags)``, supplies kept entries)
     and the energy ratio of the last global delta when the last checkpoint was loaded (else None).
@@ -298,26 +304,28 @@ def _module_rows(
     for i, lag in plan.gram_compute:
         gram_lags_of.setdefault(i, []).append(lag)
     compute = {kind: set(plan.compute[kind]) for kind in KINDS}
-    window: dict[int, Operand] = {}
+    held: list[int] = []
     energy = None
     for n in plan.needed:
         position = plan.rows[n].source
         assert position is not None, "the plan only reads rows whose checkpoint exists"
-        window[n] = source.load(position, name)
-        for stale in [i for i in window if i < n - k - 1]:
-            source.release(window.pop(stale))
+        for stale in [i for i in held if i < n - k - 1]:
+            window.drop(stale)
+            held.remove(stale)
+        window.hold(n, position)
+        held.append(n)
         for lag in gram_lags_of.get(n, ()):
-            gram[n, lag] = 0.0 if n - lag < 0 else inner(window[n], window[n - lag])
+            gram[n, lag] = 0.0 if n - lag < 0 else window.inner(n, n - lag)
         if n in compute["global"]:
-            triples["global"][n] = source.rank1(window[n], None)
+            triples["global"][n] = window.rank1(n, None)
         if n in compute["local"]:
-            triples["local"][n] = source.rank1(window[n], window[n - 1] if n > 0 else None)
+            triples["local"][n] = window.rank1(n, n - 1 if n > 0 else None)
         if n - k in compute["target"]:
-            triples["target"][n - k] = source.rank1(window[n], window[n - k])
+            triples["target"][n - k] = window.rank1(n, n - k)
         if n == c - 1:
-            energy = source.energy(window[n])
-    for operand in window.values():
-        source.release(operand)
+            energy = window.energy(n)
+    for i in held:
+        window.drop(i)
 
     _align(triples)
     return {kind: _to_arrays(triples[kind], shape) for kind in KINDS}, gram, energy

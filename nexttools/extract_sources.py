@@ -2,9 +2,11 @@
 
 A source opens and validates every checkpoint of the run up front (same targets, ranks and
 scalings; shapes against the base), so that a user mistake fails before any work. Per module it
-then loads operands one checkpoint at a time: :class:`~nexttools.lowrank.LowRankFactors` with the
-scaling folded in (LoRA; rank-1 exact from the factors, one :class:`~nexttools.lowrank.GramCache`
-per module) or dense ΔW_i = W_i − W_0 in float32 on the device (full weights).
+then holds a sliding window of checkpoints, keyed by the store row: LoRA factors with the scaling
+folded in, in one :class:`~nexttools.lowrank.FactorWindow` per module (rank-1 and inner products
+exact from the factors and their Gram blocks), or dense ΔW_i = W_i − W_0 in float32 on the device
+(full weights). Both answer the same four questions of held rows: :meth:`rank1`, :meth:`inner`,
+:meth:`energy`, and :meth:`drop` when no later row needs one.
 """
 
 from __future__ import annotations
@@ -20,17 +22,15 @@ from nexttools.checkpoints.discover import CheckpointRef
 from nexttools.checkpoints.fingerprint import fingerprint
 from nexttools.checkpoints.weights import ModelWeights
 from nexttools.errors import UserError
+from nexttools.frobenius import inner
 from nexttools.lowrank import (
-    GramCache,
-    LowRankFactors,
+    FactorWindow,
+    NonFiniteFactors,
     Rank1,
     energy_ratio,
     rank1_dense,
-    rank1_of_difference,
 )
 from nexttools.store import RunKind
-
-Operand = LowRankFactors | torch.Tensor  # a LoRA delta as factors, or a dense ΔW (rows, cols) float32
 
 
 def non_finite(path: Path, step: int, tensor: str) -> UserError:
@@ -70,35 +70,49 @@ class LoraSource:
         self.carried = sorted(last.carried)
         self.base_fingerprint = fingerprint(base.files)
         self.fingerprints = [fingerprint(adapter.files) for adapter in self.adapters]
-        self._cache: GramCache | None = None
 
-    def begin_module(self, name: str) -> None:
-        self._cache = GramCache()
+    def window(self, name: str, slots: int) -> LoraWindow:
+        """Module ``name``'s window, with room for ``slots`` held rows at once."""
+        return LoraWindow(self, name, slots)
 
-    def load(self, index: int, name: str) -> Operand:
-        factors = self.adapters[index].factors(name)
-        if not bool(torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()):
-            ref = self.adapters[index].ref
-            raise non_finite(ref.path, ref.step, name.removesuffix(".weight") + " (lora_A/lora_B)")
-        if self.device.type != "cpu":
-            factors = LowRankFactors(factors.left.to(self.device), factors.right.to(self.device))
-        return factors
 
-    def rank1(self, newer: Operand, older: Operand | None) -> Rank1:
-        assert isinstance(newer, LowRankFactors) and (older is None or isinstance(older, LowRankFactors))
-        return rank1_of_difference(newer, older, self._cache)
+class LoraWindow:
+    """One module of a LoRA run over a sliding window of checkpoints, held as store rows.
 
-    def energy(self, operand: Operand) -> float | None:
-        assert isinstance(operand, LowRankFactors)
-        return energy_ratio(operand)
+    Each window owns its buffers, so that windows of different modules may run in different threads.
+    """
 
-    def release(self, operand: Operand) -> None:
-        """Drop an operand that no later delta of this module needs (and its cached decomposition)."""
-        if self._cache is not None and isinstance(operand, LowRankFactors):
-            self._cache.forget(operand)
+    def __init__(self, source: LoraSource, name: str, slots: int) -> None:
+        rows, cols = source.shapes[source.modules.index(name)]
+        max_rank = max(adapter.modules[name].rank for adapter in source.adapters)
+        self._adapters = source.adapters
+        self._name = name
+        self._factors = FactorWindow(rows, cols, max_rank, slots, source.device)
 
-    def end_module(self) -> None:
-        self._cache = None
+    def hold(self, row: int, index: int) -> None:
+        """Read checkpoint ``index``'s factors of this module and hold them as ``row``."""
+        adapter = self._adapters[index]
+        try:
+            self._factors.push(row, adapter.factors(self._name))
+        except NonFiniteFactors:
+            tensors = self._name.removesuffix(".weight") + " (lora_A/lora_B)"
+            raise non_finite(adapter.ref.path, adapter.ref.step, tensors) from None
+
+    def rank1(self, newer: int, older: int | None) -> Rank1:
+        """Top triple of ΔW_newer − ΔW_older (older None: of ΔW_newer itself)."""
+        return self._factors.rank1(newer, older)
+
+    def inner(self, a: int, b: int) -> float:
+        """⟨ΔW_a, ΔW_b⟩_F of two held rows, float64."""
+        return self._factors.inner(a, b)
+
+    def energy(self, row: int) -> float | None:
+        """σ₁/Σσᵢ of the held row's ΔW."""
+        return energy_ratio(self._factors.factors(row))
+
+    def drop(self, row: int) -> None:
+        """Release a row that no later delta of this module needs."""
+        self._factors.drop(row)
 
 
 class FullSource:
@@ -143,33 +157,49 @@ class FullSource:
         self.carried = sorted(set(last.names) - set(self.modules))
         self.base_fingerprint = fingerprint(self.base.files)
         self.fingerprints = [fingerprint(weights.files) for weights in self.checkpoints]
-        self._w0: torch.Tensor | None = None
 
-    def begin_module(self, name: str) -> None:
-        self._w0 = self.base.get(name).to(self.device, torch.float32)
+    def window(self, name: str, slots: int) -> DenseWindow:
+        """Module ``name``'s window (``slots`` is not needed: the window is a dict of dense deltas)."""
+        return DenseWindow(self, name)
 
-    def load(self, index: int, name: str) -> Operand:
-        assert self._w0 is not None
-        delta = self.checkpoints[index].get(name).to(self.device, torch.float32) - self._w0
+
+class DenseWindow:
+    """One module of a full-weight run: held rows are dense ΔW_i = W_i − W_0, float32 on the device."""
+
+    def __init__(self, source: FullSource, name: str) -> None:
+        self._source = source
+        self._name = name
+        self._w0 = source.base.get(name).to(source.device, torch.float32)
+        self._held: dict[int, torch.Tensor] = {}
+
+    def hold(self, row: int, index: int) -> None:
+        """Read ΔW = W_index − W_0 of this module and hold it as ``row``."""
+        checkpoint = self._source.checkpoints[index]
+        delta = checkpoint.get(self._name).to(self._w0.device, torch.float32) - self._w0
         if not bool(torch.isfinite(delta.sum())):  # one pass; a NaN or Inf anywhere makes the sum one
-            raise non_finite(self.checkpoints[index].folder, self.steps[index], name)
-        return delta
+            raise non_finite(checkpoint.folder, self._source.steps[index], self._name)
+        self._held[row] = delta
 
-    def rank1(self, newer: Operand, older: Operand | None) -> Rank1:
-        assert isinstance(newer, torch.Tensor) and not isinstance(older, LowRankFactors)
-        return rank1_dense(newer if older is None else newer - older)
+    def rank1(self, newer: int, older: int | None) -> Rank1:
+        """Top triple of ΔW_newer − ΔW_older (older None: of ΔW_newer itself)."""
+        delta = self._held[newer]
+        return rank1_dense(delta if older is None else delta - self._held[older])
 
-    def energy(self, operand: Operand) -> float | None:
+    def inner(self, a: int, b: int) -> float:
+        """⟨ΔW_a, ΔW_b⟩_F of two held rows, float64."""
+        return inner(self._held[a], self._held[b])
+
+    def energy(self, row: int) -> float | None:
+        """None: the ratio needs every singular value of a dense delta."""
         return None
 
-    def release(self, operand: Operand) -> None:
-        """Nothing is cached beside the window itself."""
-
-    def end_module(self) -> None:
-        self._w0 = None
+    def drop(self, row: int) -> None:
+        """Release a row that no later delta of this module needs."""
+        del self._held[row]
 
 
 Source = LoraSource | FullSource
+ModuleWindow = LoraWindow | DenseWindow
 
 
 def _check_same_tensors(last: ModelWeights, other: ModelWeights) -> None:

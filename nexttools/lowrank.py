@@ -11,13 +11,12 @@ on the shared 2-core CPU: the Gram route below costs ~120 ms per layer-checkpoin
 (G, L and T), where the QR route would cost ~16 s per layer for its L and T pairs alone, and a dense
 float64 SVD of a single gate_proj delta takes ~8 s.
 
-* **Gram route (the fast path).** Every checkpoint's factors enter five deltas (G_i, L_i, L_{i+1},
-  T_i, T_{i−k}); their float64 copies and Gram blocks LᵀL, RᵀR are computed once and cached in a
-  :class:`GramCache`. A difference then needs only the cross blocks L_newᵀL_old, R_newᵀR_old (pure GEMM)
-  plus O(r³) work: Cholesky Gp = FᵀF of the stacked left Gram, the top eigenpair (λ, a) of the
-  symmetric core S = F C Gq C Fᵀ (λ = σ²), and then, with *no inverse square root*,
-  v ∝ Q C Fᵀa and u ∝ D v = P C Qᵀv. That is ~2.5·(rows+cols)·r² multiply-adds per checkpoint, about
-  4× fewer than QR of the stacked factors, and GEMM runs far faster than Householder QR.
+* **Gram route (the fast path).** Every checkpoint's factors enter the Gram band and five deltas
+  (G_i, L_i, L_{i+1}, T_i, T_{i−k}); a :class:`FactorWindow` copies them to float64 once and computes
+  their Gram blocks with every checkpoint within k+1 of them in one GEMM per side. A difference then
+  needs only O(r³) work on those blocks: Cholesky Gp = FᵀF of the stacked left Gram, the top
+  eigenpair (λ, a) of the symmetric core S = F C Gq C Fᵀ (λ = σ²), and then, with *no inverse square
+  root*, v ∝ Q C Fᵀa and u ∝ D v = P C Qᵀv (two GEMVs). GEMM runs far faster than Householder QR.
 * **Its weakness** is the one the brief warns about: Gram matrices square the condition number, so
   when the delta cancels heavily (consecutive checkpoints nearly equal, or very non-canonical factors
   B M, M⁻¹A) float64 keeps only about half its digits in those directions. The error is therefore
@@ -85,75 +84,244 @@ def zero_rank1(rows: int, cols: int, device: torch.device | str = "cpu") -> Rank
     return Rank1(0.0, zeros[:rows], zeros[rows:])
 
 
-@dataclass(frozen=True, eq=False)
-class _Prepared:
-    """Per-checkpoint work shared by every delta a factor pair takes part in.
+class NonFiniteFactors(ValueError):
+    """A pushed factor holds NaN or Inf (found from its self Gram, at no extra cost)."""
 
-    left_t: (r, rows) and right_t: (r, cols) float64 (transposed views of the float64 factors);
-    gram_left = leftᵀleft, gram_right = rightᵀright: (r, r) float64. ``factors`` is held so that the
-    object's id, the cache key, cannot be reused while the entry lives.
+
+@dataclass(frozen=True, eq=False)
+class _Term:
+    """One held checkpoint entering a delta with ``sign`` (+1 newer, −1 older).
+
+    left_t: (r, rows), right_t: (r, cols) float64 views into the window's buffers; gram_left,
+    gram_right: (r, r) self Gram blocks.
     """
 
-    factors: LowRankFactors
+    key: int
+    sign: float
     left_t: Tensor
     right_t: Tensor
     gram_left: Tensor
     gram_right: Tensor
 
-    @property
-    def is_zero(self) -> bool:
-        """Exactly zero product: a factor with no non-zero entry (e.g. PEFT's B = 0 at step 0)."""
-        return bool(self.gram_left.trace() == 0) or bool(self.gram_right.trace() == 0)
 
+class FactorWindow:
+    """One module's LoRA factors at a sliding window of checkpoints, with every Gram block between them.
 
-def _prepare(f: LowRankFactors) -> _Prepared:
-    # Transposed *views* in float64: BLAS takes either layout at the same speed, and skipping the
-    # transposing copy halves this function's cost (measured on a (8960, 64) factor: 1.6 → 0.8 ms).
-    left_t = f.left.T.to(torch.float64)
-    right_t = f.right.T.to(torch.float64)
-    return _Prepared(f, left_t, right_t, left_t @ left_t.T, right_t @ right_t.T)
+    Every quantity ``extract`` needs of a module (its G, L and T deltas, and the Gram band
+    ⟨ΔW_i, ΔW_j⟩ that ``consistency`` reads) involves two checkpoints at most k+1 apart, so the
+    float64 work splits in two:
 
+    * :meth:`push` copies a checkpoint's factors once into a free slot of two float64 buffers,
+      ``(slots·r_max, rows)`` and ``(slots·r_max, cols)`` (transposed: one row block per slot), and
+      then runs one GEMM per side, ``X_newᵀ [X_held …]``: its self Gram and its cross Gram with every
+      held checkpoint. These are exactly the products of ``extract``'s floor, each pair once; one wide
+      GEMM in this layout was measured ~1.8× faster per flop than the same products one pair at a time
+      (28 vs 15 GFLOP/s on a (8960, 64) float64 factor, one core). A NaN or Inf anywhere in the
+      factors shows in the self Gram's diagonal, so checking finiteness costs nothing more.
+    * :meth:`rank1` and :meth:`inner` then need only O(r³) work on those blocks and two GEMVs (the
+      Gram route), or the QR fallback on the held float64 factors.
 
-class GramCache:
-    """Reuses each factor pair's float64 copies and Gram blocks across the deltas it enters.
-
-    Keyed by the identity of the :class:`LowRankFactors` object, so the caller keeps one object per
-    (module, checkpoint), e.g. the extraction loop holds one module's factors across all checkpoints,
-    computes G_i, L_i and T_i with one cache, then drops the cache (or calls :meth:`clear`) before the
-    next module. Memory: 2× the float32 factors it has seen (float64 copies) plus r×r per entry.
+    Keys are the caller's (extract uses the checkpoint's row). The caller :meth:`drop` s a key before
+    pushing into a full window. Memory: the two buffers, 8·slots·r_max·(rows + cols) bytes, plus the
+    (r, slots·r_max) Gram blocks of each held key.
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[int, _Prepared] = {}
+    def __init__(
+        self, rows: int, cols: int, max_rank: int, slots: int, device: torch.device | str = "cpu"
+    ) -> None:
+        self.rows, self.cols, self.max_rank, self.slots = rows, cols, max_rank, slots
+        self.device = torch.device(device)
+        # Zeros, not empty: a slot of a smaller-rank checkpoint leaves rows unused, and the wide GEMM
+        # reads them (into output columns nobody looks at, but garbage could be NaN and slow).
+        self._left_t = torch.zeros(slots * max_rank, rows, dtype=torch.float64, device=self.device)
+        self._right_t = torch.zeros(slots * max_rank, cols, dtype=torch.float64, device=self.device)
+        self._slot: dict[int, int] = {}
+        self._rank: dict[int, int] = {}
+        # (a, b) -> (L_aᵀL_b, R_aᵀR_b), stored once for a pushed after (or equal to) b.
+        self._cross: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
-    def prepared(self, f: LowRankFactors) -> _Prepared:
-        """The cached per-factor work for ``f``, computed on first use."""
-        entry = self._entries.get(id(f))
-        if entry is None or entry.factors is not f:
-            entry = _prepare(f)
-            self._entries[id(f)] = entry
-        return entry
-
-    def forget(self, f: LowRankFactors) -> None:
-        """Drop ``f``'s entry (when no later delta needs it)."""
-        self._entries.pop(id(f), None)
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        self._entries.clear()
+    def __contains__(self, key: int) -> bool:
+        return key in self._slot
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._slot)
+
+    def push(self, key: int, factors: LowRankFactors) -> None:
+        """Hold ``factors`` under ``key`` and compute its Gram blocks with every held checkpoint.
+
+        Raises :class:`NonFiniteFactors` (nothing held) for NaN or Inf entries, ValueError for a
+        duplicate key, a full window, or factors of another shape or a rank above ``max_rank``.
+        """
+        if key in self._slot:
+            raise ValueError(f"key {key} is already held")
+        if factors.shape != (self.rows, self.cols) or factors.rank > self.max_rank:
+            raise ValueError(
+                f"factors of shape {factors.shape} and rank {factors.rank} do not fit a "
+                f"({self.rows}, {self.cols}) window of rank ≤ {self.max_rank}"
+            )
+        free = sorted(set(range(self.slots)) - set(self._slot.values()))
+        if not free:
+            raise ValueError(f"the window's {self.slots} slots are full; drop a key first")
+        slot, rank = free[0], factors.rank
+        rows = slice(slot * self.max_rank, slot * self.max_rank + rank)
+        self._left_t[rows].copy_(factors.left.T)
+        self._right_t[rows].copy_(factors.right.T)
+        end = (max([slot, *self._slot.values()]) + 1) * self.max_rank
+        left = self._left_t[rows] @ self._left_t[:end].T  # (rank, end)
+        right = self._right_t[rows] @ self._right_t[:end].T
+        own = slice(rows.start, rows.stop)
+        diagonal = left[:, own].diagonal() + right[:, own].diagonal()
+        if not bool(torch.isfinite(diagonal).all()):
+            raise NonFiniteFactors(f"factors pushed as key {key} hold NaN or Inf")
+        self._slot[key], self._rank[key] = slot, rank
+        for other, other_slot in self._slot.items():
+            start = other_slot * self.max_rank
+            cols = slice(start, start + self._rank[other])
+            self._cross[(key, other)] = (left[:, cols], right[:, cols])
+
+    def drop(self, key: int) -> None:
+        """Release ``key``'s slot and its Gram blocks (no later delta needs it)."""
+        del self._slot[key], self._rank[key]
+        for pair in [pair for pair in self._cross if key in pair]:
+            del self._cross[pair]
+
+    def factors(self, key: int) -> LowRankFactors:
+        """The held factors of ``key`` as float64 views ((rows, r), (cols, r)): valid until dropped."""
+        left_t, right_t = self._views(key)
+        return LowRankFactors(left_t.T, right_t.T)
+
+    def inner(self, a: int, b: int) -> float:
+        """⟨ΔW_a, ΔW_b⟩_F = Σ (L_aᵀL_b) ∘ (R_aᵀR_b), float64, from the held blocks."""
+        left, right = self._blocks(a, b)
+        return float((left * right).sum())
+
+    def rank1(self, newer: int | None, older: int | None) -> Rank1:
+        """Exact top singular triple of ΔW_newer − ΔW_older (``None`` is a zero delta); see the module
+        docstring for the two routes. u: (rows,), v: (cols,) float32 on the window's device."""
+        if newer is None and older is None:
+            raise ValueError("rank1 needs at least one of newer/older")
+        if newer == older:
+            return zero_rank1(self.rows, self.cols, self.device)
+        terms = [self._term(key, sign) for key, sign in ((newer, 1.0), (older, -1.0)) if key is not None]
+        terms = [t for t in terms if not _is_zero(t)]
+        if not terms or (len(terms) == 2 and self._identical(*terms)):
+            return zero_rank1(self.rows, self.cols, self.device)
+        result = self._gram_route(terms)
+        if result is None:
+            result = _qr_route(terms)
+        if result is None:
+            return zero_rank1(self.rows, self.cols, self.device)
+        sigma, u, v = result
+        return Rank1(sigma, u.to(torch.float32), v.to(torch.float32))
+
+    def _views(self, key: int) -> tuple[Tensor, Tensor]:
+        start = self._slot[key] * self.max_rank
+        rows = slice(start, start + self._rank[key])
+        return self._left_t[rows], self._right_t[rows]
+
+    def _blocks(self, a: int, b: int) -> tuple[Tensor, Tensor]:
+        """(L_aᵀL_b, R_aᵀR_b): (r_a, r_b) float64."""
+        if (a, b) in self._cross:
+            return self._cross[(a, b)]
+        left, right = self._cross[(b, a)]
+        return left.T, right.T
+
+    def _term(self, key: int, sign: float) -> _Term:
+        left_t, right_t = self._views(key)
+        gram_left, gram_right = self._blocks(key, key)
+        return _Term(key, sign, left_t, right_t, gram_left, gram_right)
+
+    def _identical(self, a: _Term, b: _Term) -> bool:
+        """Bit-identical factors (a checkpoint saved twice). Unequal Grams prove a difference cheaply."""
+        if a.gram_left.shape != b.gram_left.shape:
+            return False
+        if not (torch.equal(a.gram_left, b.gram_left) and torch.equal(a.gram_right, b.gram_right)):
+            return False
+        return torch.equal(a.left_t, b.left_t) and torch.equal(a.right_t, b.right_t)
+
+    def _stacked_grams(self, terms: list[_Term]) -> tuple[Tensor, Tensor, Tensor]:
+        """Gp = PᵀP, Gq = QᵀQ (float64, (2r, 2r) or (r, r)) and the signs c = diag(C)."""
+        if len(terms) == 1:
+            (t,) = terms
+            c = torch.full((t.gram_left.shape[0],), t.sign, dtype=torch.float64, device=self.device)
+            return t.gram_left, t.gram_right, c
+        a, b = terms
+        cross_left, cross_right = self._blocks(a.key, b.key)
+        gp = torch.cat([torch.cat([a.gram_left, cross_left], 1), torch.cat([cross_left.T, b.gram_left], 1)])
+        gq = torch.cat(
+            [torch.cat([a.gram_right, cross_right], 1), torch.cat([cross_right.T, b.gram_right], 1)]
+        )
+        c = torch.cat(
+            [
+                torch.full((t.gram_left.shape[0],), t.sign, dtype=torch.float64, device=self.device)
+                for t in terms
+            ]
+        )
+        return gp, gq, c
+
+    def _gram_route(self, terms: list[_Term]) -> tuple[float, Tensor, Tensor] | None:
+        """Top triple from Gram blocks, or None when its error estimate says the QR route must decide."""
+        gp, gq, c = self._stacked_grams(terms)
+        chol, info = torch.linalg.cholesky_ex(gp)
+        if int(info) != 0:
+            return None
+        cgqc = gq * c[:, None] * c[None, :]
+        core = chol.T @ cgqc @ chol  # F C Gq C Fᵀ with F = cholᵀ: (2r, 2r), its eigenvalues are σᵢ²
+        # Only the top eigenvector's *direction* is taken from here (float32 eigh is ~1.6× faster and
+        # its ε₃₂/gap error is far inside the tolerance); σ is measured afterwards as ‖D v‖ in float64.
+        evals, evecs = torch.linalg.eigh(((core + core.T) / 2).to(torch.float32))
+        if not float(evals[-1]) > 0:
+            return None
+        w = c * (chol @ evecs[:, -1].to(torch.float64))  # v ∝ Q w
+        v = _combine(terms, w, "right")
+        v_norm = float(torch.linalg.vector_norm(v))
+        if not v_norm > 0:
+            return None
+        v = v / v_norm
+        z = c * (gq @ w) / v_norm  # C Qᵀ v, so that D v = P z
+        u = _combine(terms, z, "left")
+        sigma = float(torch.linalg.vector_norm(u))
+        if not sigma > 0:
+            return None
+        # First-order rounding error of σ² (relative): γ·(κ_p² + κ_q²), κ² = Σ_j w_j²‖q_j‖² / ‖Σ_j w_j q_j‖²
+        # the cancellation in forming Q w (and P z). Rounding errors of the Gram entries are
+        # independent, so they add in quadrature (ℓ2), like γ = ε·√n itself; the 1e-8 tolerance leaves a
+        # margin of 1000× below the 1e-5 target for the cases where they happen to align.
+        gamma = _EPS64 * math.sqrt(max(self.rows, self.cols))
+        kappa_q2 = float((w.square() * gq.diagonal()).sum()) / v_norm**2
+        kappa_p2 = float((z.square() * gp.diagonal()).sum()) / sigma**2
+        # Second-order (normwise) term: a perturbation of the whole core of relative size γ·tr·tr/σ².
+        normwise = gamma * float(gp.trace()) * float(gq.trace()) / sigma**2
+        if gamma * (kappa_p2 + kappa_q2) > _GRAM_TOLERANCE or normwise > 1e-4:
+            return None
+        return sigma, u / sigma, v
 
 
-def rank1_of_difference(
-    newer: LowRankFactors | None, older: LowRankFactors | None, cache: GramCache | None = None
-) -> Rank1:
+def _is_zero(t: _Term) -> bool:
+    """Exactly zero product: a factor with no non-zero entry (e.g. PEFT's B = 0 at step 0)."""
+    return bool(t.gram_left.trace() == 0) or bool(t.gram_right.trace() == 0)
+
+
+def _combine(terms: list[_Term], coeffs: Tensor, side: str) -> Tensor:
+    """Σ_j coeffs_j · column_j of the stacked left (``side="left"``) or right factors: (rows,) or (cols,)."""
+    out: Tensor | None = None
+    start = 0
+    for t in terms:
+        mat = t.left_t if side == "left" else t.right_t
+        part = mat.T @ coeffs[start : start + mat.shape[0]]
+        out = part if out is None else out + part
+        start += mat.shape[0]
+    assert out is not None
+    return out
+
+
+def rank1_of_difference(newer: LowRankFactors | None, older: LowRankFactors | None) -> Rank1:
     """Exact top singular triple of ``newer − older`` (``None`` is a zero delta), from the factors.
 
-    Cost O((rows + cols)·r²) with per-checkpoint work reused through ``cache``; memory O((rows+cols)·r).
-    Returns u: (rows,), v: (cols,) float32 unit vectors on the factors' device and σ ≥ 0, or the zero
-    triple. Raises ValueError when both are None or the shapes differ (a programming error).
+    A two-slot :class:`FactorWindow` for one delta; ``extract`` keeps one window per module instead,
+    so that each checkpoint's float64 copy and Gram blocks serve every delta it enters. Cost
+    O((rows + cols)·r²), memory O((rows + cols)·r). Raises ValueError when both are None, the shapes
+    differ (a programming error) or a factor is not finite.
     """
     if newer is None and older is None:
         raise ValueError("rank1_of_difference needs at least one of newer/older")
@@ -162,117 +330,30 @@ def rank1_of_difference(
     some = newer if newer is not None else older
     assert some is not None
     rows, cols = some.shape
-    device = some.left.device
     if newer is older:
-        return zero_rank1(rows, cols, device)
-
-    get = cache.prepared if cache is not None else _prepare
-    terms = [(get(f), sign) for f, sign in ((newer, 1.0), (older, -1.0)) if f is not None]
-    terms = [(p, sign) for p, sign in terms if not p.is_zero]
-    if not terms:
-        return zero_rank1(rows, cols, device)
-    if len(terms) == 2 and _identical(terms[0][0], terms[1][0]):
-        return zero_rank1(rows, cols, device)
-    result = _gram_route(terms)
-    if result is None:
-        result = _qr_route(terms)
-    if result is None:
-        return zero_rank1(rows, cols, device)
-    sigma, u, v = result
-    return Rank1(sigma, u.to(torch.float32), v.to(torch.float32))
+        return zero_rank1(rows, cols, some.left.device)
+    held = [f for f in (newer, older) if f is not None]
+    window = FactorWindow(rows, cols, max(f.rank for f in held), len(held), some.left.device)
+    keys: list[int | None] = []
+    for f in (newer, older):
+        if f is None:
+            keys.append(None)
+        else:
+            window.push(len(keys), f)
+            keys.append(len(keys))
+    return window.rank1(keys[0], keys[1])
 
 
-def _identical(a: _Prepared, b: _Prepared) -> bool:
-    """Bit-identical factors (a checkpoint saved twice). Unequal Grams prove a difference cheaply."""
-    if a.gram_left.shape != b.gram_left.shape:
-        return False
-    if not (torch.equal(a.gram_left, b.gram_left) and torch.equal(a.gram_right, b.gram_right)):
-        return False
-    return torch.equal(a.factors.left, b.factors.left) and torch.equal(a.factors.right, b.factors.right)
-
-
-def _stacked_grams(terms: list[tuple[_Prepared, float]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Gp = PᵀP, Gq = QᵀQ (float64, (2r, 2r) or (r, r)) and the signs c = diag(C)."""
-    if len(terms) == 1:
-        p, sign = terms[0]
-        c = torch.full((p.gram_left.shape[0],), sign, dtype=torch.float64, device=p.left_t.device)
-        return p.gram_left, p.gram_right, c
-    (a, _), (b, _) = terms
-    cross_left = a.left_t @ b.left_t.T
-    cross_right = a.right_t @ b.right_t.T
-    gp = torch.cat([torch.cat([a.gram_left, cross_left], 1), torch.cat([cross_left.T, b.gram_left], 1)])
-    gq = torch.cat([torch.cat([a.gram_right, cross_right], 1), torch.cat([cross_right.T, b.gram_right], 1)])
-    c = torch.cat(
-        [
-            torch.ones(a.gram_left.shape[0], dtype=torch.float64, device=gp.device),
-            -torch.ones(b.gram_left.shape[0], dtype=torch.float64, device=gp.device),
-        ]
-    )
-    return gp, gq, c
-
-
-def _combine(terms: list[tuple[_Prepared, float]], coeffs: Tensor, side: str) -> Tensor:
-    """Σ_j coeffs_j · column_j of the stacked left (``side="left"``) or right factors: (rows,) or (cols,)."""
-    out: Tensor | None = None
-    start = 0
-    for p, _ in terms:
-        mat = p.left_t if side == "left" else p.right_t
-        part = mat.T @ coeffs[start : start + mat.shape[0]]
-        out = part if out is None else out + part
-        start += mat.shape[0]
-    assert out is not None
-    return out
-
-
-def _gram_route(terms: list[tuple[_Prepared, float]]) -> tuple[float, Tensor, Tensor] | None:
-    """Top triple from Gram blocks, or None when its error estimate says the QR route must decide."""
-    gp, gq, c = _stacked_grams(terms)
-    chol, info = torch.linalg.cholesky_ex(gp)
-    if int(info) != 0:
-        return None
-    cgqc = gq * c[:, None] * c[None, :]
-    core = chol.T @ cgqc @ chol  # F C Gq C Fᵀ with F = cholᵀ: (2r, 2r), its eigenvalues are σᵢ²
-    # Only the top eigenvector's *direction* is taken from here (float32 eigh is ~1.6× faster and its
-    # ε₃₂/gap error is far inside the tolerance); σ is measured afterwards as ‖D v‖ in float64.
-    evals, evecs = torch.linalg.eigh(((core + core.T) / 2).to(torch.float32))
-    if not float(evals[-1]) > 0:
-        return None
-    w = c * (chol @ evecs[:, -1].to(torch.float64))  # v ∝ Q w
-    v = _combine(terms, w, "right")
-    v_norm = float(torch.linalg.vector_norm(v))
-    if not v_norm > 0:
-        return None
-    v = v / v_norm
-    z = c * (gq @ w) / v_norm  # C Qᵀ v, so that D v = P z
-    u = _combine(terms, z, "left")
-    sigma = float(torch.linalg.vector_norm(u))
-    if not sigma > 0:
-        return None
-    # First-order rounding error of σ² (relative): γ·(κ_p² + κ_q²), κ² = Σ_j w_j²‖q_j‖² / ‖Σ_j w_j q_j‖²
-    # the cancellation in forming Q w (and P z). Rounding errors of the Gram entries are independent,
-    # so they add in quadrature (ℓ2), like γ = ε·√n itself; the 1e-8 tolerance leaves a margin of 1000×
-    # below the 1e-5 target for the cases where they happen to align.
-    rows, cols = u.shape[0], v.shape[0]
-    gamma = _EPS64 * math.sqrt(max(rows, cols))
-    kappa_q2 = float((w.square() * gq.diagonal()).sum()) / v_norm**2
-    kappa_p2 = float((z.square() * gp.diagonal()).sum()) / sigma**2
-    # Second-order (normwise) term: a perturbation of the whole core of relative size γ·tr·tr/σ².
-    normwise = gamma * float(gp.trace()) * float(gq.trace()) / sigma**2
-    if gamma * (kappa_p2 + kappa_q2) > _GRAM_TOLERANCE or normwise > 1e-4:
-        return None
-    return sigma, u / sigma, v
-
-
-def _qr_route(terms: list[tuple[_Prepared, float]]) -> tuple[float, Tensor, Tensor] | None:
+def _qr_route(terms: list[_Term]) -> tuple[float, Tensor, Tensor] | None:
     """Top triple from Householder QR of the stacked float64 factors and the SVD of the small core.
 
     Backward stable column by column. Returns None when σ is below the rounding floor
     8·ε₆₄·Σ_j ‖p_j‖‖q_j‖, i.e. the delta is zero to within float64 arithmetic on the given factors.
     """
-    p = torch.cat([t.left_t for t, _ in terms]).T
-    q = torch.cat([t.right_t for t, _ in terms]).T
+    p = torch.cat([t.left_t for t in terms]).T
+    q = torch.cat([t.right_t for t in terms]).T
     c = torch.cat(
-        [torch.full((t.left_t.shape[0],), s, dtype=torch.float64, device=p.device) for t, s in terms]
+        [torch.full((t.left_t.shape[0],), t.sign, dtype=torch.float64, device=p.device) for t in terms]
     )
     qp, rp = torch.linalg.qr(p)
     qq, rq = torch.linalg.qr(q)

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nexttools"
 
 LAYERS: list[tuple[str, ...]] = [
     # 0: foundations and the typed documents every layer may use
-    ("nexttools", "errors", "console", "device", "options", "workdir", "locking", "manifest"),
+    ("nexttools", "errors", "console", "device", "options", "workdir", "locking", "manifest", "threads"),
     ("checkpoints",),
     ("lowrank",),
     ("store",),

@@ -172,6 +172,29 @@ def test_store_equals_dense_reference_and_sign_convention(short_run: DemoRun, tm
         )
 
 
+def test_worker_threads_write_the_same_store_byte_for_byte(short_run: DemoRun, tmp_path: Path) -> None:
+    """Modules run on one thread per core (nexttools.threads): the store must not depend on how many.
+
+    The suite runs with one torch thread (conftest), which is the one-worker path; here two workers
+    compute the modules concurrently, on a LoRA run and on a full-weight run.
+    """
+    full_run = tmp_path / "full"
+    write_full_weight_run(short_run, full_run, (10, 20, 30, 40, 50))
+    before = torch.get_num_threads()
+    for run, base in ((short_run.run, None), (full_run, str(short_run.base))):
+        paths = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                store = tmp_path / f"{run.name}-{threads}" / "trajectory.h5"
+                options = ExtractOptions(run=run, base=base, workdir=store.parent, k=3, device="cpu")
+                extract(options)
+            finally:
+                torch.set_num_threads(before)
+            paths.append(store)
+        assert paths[0].read_bytes() == paths[1].read_bytes(), run
+
+
 def test_step_zero_checkpoint_is_a_zero_row(short_run: DemoRun, tmp_path: Path) -> None:
     """A fresh adapter saved at step 0 (PEFT init: B = 0) is a row with σ = 0 and u = v = 0."""
     from peft import LoraConfig, get_peft_model
@@ -326,19 +349,24 @@ def test_other_selection_rebuilds_and_deleted_checkpoints_keep_rows(
     assert_stores_close(rotating, complete)
 
 
-def test_full_weight_run_matches_lora_run(short_run: DemoRun, tmp_path: Path) -> None:
-    """Merged models saved per step (a full-weight run) give the LoRA store within float32 tolerance."""
+def write_full_weight_run(short_run: DemoRun, folder: Path, steps: tuple[int, ...]) -> None:
+    """The run's adapters merged with PEFT and saved per step as whole models: a full-weight run."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    steps = (10, 20, 30, 40, 50)
     model = AutoModelForCausalLM.from_pretrained(short_run.base, dtype=torch.float32)
-    full = tmp_path / "full"
     for step in steps:
         adapter = short_run.run / f"checkpoint-{step}"
         merged = PeftModel.from_pretrained(copy.deepcopy(model), adapter).merge_and_unload()
-        merged.save_pretrained(full / f"checkpoint-{step}")
-        (full / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        merged.save_pretrained(folder / f"checkpoint-{step}")
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_full_weight_run_matches_lora_run(short_run: DemoRun, tmp_path: Path) -> None:
+    """Merged models saved per step (a full-weight run) give the LoRA store within float32 tolerance."""
+    steps = (10, 20, 30, 40, 50)
+    full = tmp_path / "full"
+    write_full_weight_run(short_run, full, steps)
 
     full_store, lora_store = tmp_path / "full.h5", tmp_path / "lora.h5"
     summary = run_extract(full, full_store, k=2, base=str(short_run.base))

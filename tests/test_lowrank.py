@@ -15,8 +15,9 @@ import torch
 
 import nexttools.lowrank as lowrank
 from nexttools.lowrank import (
-    GramCache,
+    FactorWindow,
     LowRankFactors,
+    NonFiniteFactors,
     Rank1,
     align_sign,
     energy_ratio,
@@ -135,7 +136,7 @@ def test_local_delta_of_nearly_equal_checkpoints(
     older = _factors(rows, cols, rank, gen, mix=0.3, dtype=dtype)
     newer = _perturbed(older, step, gen, dtype)
     reference = _reference(newer, older)
-    r = rank1_of_difference(newer, older, GramCache())
+    r = rank1_of_difference(newer, older)
     if not bool(reference.any()):  # bf16 rounding can undo a tiny step entirely
         assert r.is_zero
         return
@@ -207,7 +208,7 @@ def test_zero_deltas() -> None:
         rank1_of_difference(fresh, None),
         rank1_of_difference(None, fresh),
         rank1_of_difference(f, f),
-        rank1_of_difference(copy, f, GramCache()),
+        rank1_of_difference(copy, f),
         # Different factors, identical product (a scale moved between them): zero, not rounding noise.
         rank1_of_difference(LowRankFactors(f.left * 2, f.right / 2), f),
     ):
@@ -222,42 +223,69 @@ def test_zero_deltas() -> None:
         rank1_of_difference(f, _factors(41, 30, 4, gen))
 
 
-def test_cache_reuses_per_checkpoint_work_and_changes_nothing() -> None:
+def _inner(a: LowRankFactors, b: LowRankFactors) -> float:
+    da, db = _dense(a), _dense(b)
+    assert da is not None and db is not None
+    return float((da * db).sum())
+
+
+def test_a_sliding_window_gives_every_delta_and_inner_product_exactly() -> None:
+    """extract's access pattern: hold k+2 checkpoints, drop the oldest, push the next; ranks differ."""
     gen = torch.Generator().manual_seed(9)
-    steps = [_factors(120, 80, 16, gen)]
-    for _ in range(7):
-        steps.append(_perturbed(steps[-1], 0.05, gen, torch.float32))
-    cache = GramCache()
     k = 3
-    for i, f in enumerate(steps):
-        for newer, older in ((f, None), (f, steps[i - 1] if i else None)) + (
-            ((steps[i + k], f),) if i + k < len(steps) else ()
-        ):
-            cached = rank1_of_difference(newer, older, cache)
-            fresh = rank1_of_difference(newer, older)
-            assert cached.sigma == fresh.sigma
-            assert torch.equal(cached.u, fresh.u) and torch.equal(cached.v, fresh.v)
-    assert len(cache) == len(steps)  # one entry per checkpoint, however many deltas used it
-    cache.forget(steps[0])
-    assert len(cache) == len(steps) - 1
-    cache.clear()
-    assert len(cache) == 0
+    steps = [_factors(120, 80, 16, gen, mix=0.3)]
+    for i in range(8):
+        nxt = _perturbed(steps[-1], 0.05, gen, torch.float32)
+        if i == 4:  # a checkpoint of lower rank (the window pads its slot)
+            nxt = LowRankFactors(nxt.left[:, :12].contiguous(), nxt.right[:, :12].contiguous())
+        steps.append(nxt)
+    window = FactorWindow(120, 80, max_rank=16, slots=k + 2)
+    for n, f in enumerate(steps):
+        for stale in [i for i in range(n) if i < n - k - 1 and i in window]:
+            window.drop(stale)
+        window.push(n, f)
+        assert len(window) == min(n + 1, k + 2)
+        for lag in range(min(n, k + 1) + 1):
+            expected = _inner(f, steps[n - lag])
+            assert window.inner(n, n - lag) == pytest.approx(expected, rel=1e-12)
+            assert window.inner(n - lag, n) == window.inner(n, n - lag)
+        _assert_matches_svd(window.rank1(n, None), _reference(f, None))
+        _assert_matches_svd(window.rank1(None, n), _reference(None, f))
+        if n:
+            _assert_matches_svd(window.rank1(n, n - 1), _reference(f, steps[n - 1]))
+        if n >= k:
+            _assert_matches_svd(window.rank1(n, n - k), _reference(f, steps[n - k]))
+    held = window.factors(len(steps) - 1)
+    assert torch.equal(held.left, steps[-1].left.double()) and torch.equal(
+        held.right, steps[-1].right.double()
+    )
 
 
-def test_cache_is_not_fooled_by_a_reused_id() -> None:
+def test_the_window_refuses_misuse_and_non_finite_factors() -> None:
     gen = torch.Generator().manual_seed(10)
-    cache = GramCache()
-    f = _factors(50, 40, 4, gen)
-    rank1_of_difference(f, None, cache)
-    old_id = id(f)
-    del f
-    # A new object may get the freed id; the cache must not serve the old entry for it.
-    for _ in range(50):
-        g = _factors(50, 40, 4, gen)
-        r = rank1_of_difference(g, None, cache)
-        _assert_matches_svd(r, _reference(g, None))
-        if id(g) == old_id:
-            break
+    window = FactorWindow(50, 40, max_rank=4, slots=2)
+    window.push(0, _factors(50, 40, 4, gen))
+    with pytest.raises(ValueError, match="already held"):
+        window.push(0, _factors(50, 40, 4, gen))
+    with pytest.raises(ValueError, match="do not fit"):
+        window.push(1, _factors(50, 40, 5, gen))
+    with pytest.raises(ValueError, match="do not fit"):
+        window.push(1, _factors(51, 40, 4, gen))
+    for bad in (math.nan, math.inf):
+        broken = _factors(50, 40, 4, gen)
+        broken.right[7, 2] = bad
+        with pytest.raises(NonFiniteFactors):
+            window.push(1, broken)
+        assert 1 not in window and len(window) == 1  # nothing held, the slot is still free
+    window.push(1, _factors(50, 40, 4, gen))
+    with pytest.raises(ValueError, match="full"):
+        window.push(2, _factors(50, 40, 4, gen))
+    window.drop(0)
+    later = _factors(50, 40, 4, gen)
+    window.push(2, later)  # the freed slot is reused, and the stale blocks of key 0 are gone
+    _assert_matches_svd(window.rank1(2, None), _reference(later, None))
+    with pytest.raises(KeyError):
+        window.inner(2, 0)
 
 
 def test_never_materialises_rows_by_cols() -> None:
