@@ -139,6 +139,7 @@ class FactorWindow:
         self._rank: dict[int, int] = {}
         # (a, b) -> (L_aᵀL_b, R_aᵀR_b), stored once for a pushed after (or equal to) b.
         self._cross: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._zero: set[int] = set()
 
     def __contains__(self, key: int) -> bool:
         return key in self._slot
@@ -174,6 +175,9 @@ class FactorWindow:
         if not bool(torch.isfinite(diagonal).all()):
             raise NonFiniteFactors(f"factors pushed as key {key} hold NaN or Inf")
         self._slot[key], self._rank[key] = slot, rank
+        # Exactly zero product: a factor with no non-zero entry (e.g. PEFT's B = 0 at step 0).
+        if float(left[:, own].trace()) == 0 or float(right[:, own].trace()) == 0:
+            self._zero.add(key)
         for other, other_slot in self._slot.items():
             start = other_slot * self.max_rank
             cols = slice(start, start + self._rank[other])
@@ -182,6 +186,7 @@ class FactorWindow:
     def drop(self, key: int) -> None:
         """Release ``key``'s slot and its Gram blocks (no later delta needs it)."""
         del self._slot[key], self._rank[key]
+        self._zero.discard(key)
         for pair in [pair for pair in self._cross if key in pair]:
             del self._cross[pair]
 
@@ -203,7 +208,7 @@ class FactorWindow:
         if newer == older:
             return zero_rank1(self.rows, self.cols, self.device)
         terms = [self._term(key, sign) for key, sign in ((newer, 1.0), (older, -1.0)) if key is not None]
-        terms = [t for t in terms if not _is_zero(t)]
+        terms = [t for t in terms if t.key not in self._zero]
         if not terms or (len(terms) == 2 and self._identical(*terms)):
             return zero_rank1(self.rows, self.cols, self.device)
         result = self._gram_route(terms)
@@ -240,7 +245,11 @@ class FactorWindow:
         return torch.equal(a.left_t, b.left_t) and torch.equal(a.right_t, b.right_t)
 
     def _stacked_grams(self, terms: list[_Term]) -> tuple[Tensor, Tensor, Tensor]:
-        """Gp = PᵀP, Gq = QᵀQ (float64, (2r, 2r) or (r, r)) and the signs c = diag(C)."""
+        """Gp = PᵀP and C Gq C with Gq = QᵀQ (float64, (2r, 2r) or (r, r)), and the signs c = diag(C).
+
+        C Gq C is built from the blocks directly: C is ±I for one term (so C Gq C = Gq), and for two
+        (newer, older) it only negates the cross blocks.
+        """
         if len(terms) == 1:
             (t,) = terms
             c = torch.full((t.gram_left.shape[0],), t.sign, dtype=torch.float64, device=self.device)
@@ -248,37 +257,33 @@ class FactorWindow:
         a, b = terms
         cross_left, cross_right = self._blocks(a.key, b.key)
         gp = torch.cat([torch.cat([a.gram_left, cross_left], 1), torch.cat([cross_left.T, b.gram_left], 1)])
-        gq = torch.cat(
-            [torch.cat([a.gram_right, cross_right], 1), torch.cat([cross_right.T, b.gram_right], 1)]
-        )
-        c = torch.cat(
-            [
-                torch.full((t.gram_left.shape[0],), t.sign, dtype=torch.float64, device=self.device)
-                for t in terms
-            ]
-        )
-        return gp, gq, c
+        minus = -cross_right
+        cgqc = torch.cat([torch.cat([a.gram_right, minus], 1), torch.cat([minus.T, b.gram_right], 1)])
+        c = torch.ones(gp.shape[0], dtype=torch.float64, device=self.device)
+        c[a.gram_left.shape[0] :] = -1.0
+        return gp, cgqc, c
 
     def _gram_route(self, terms: list[_Term]) -> tuple[float, Tensor, Tensor] | None:
         """Top triple from Gram blocks, or None when its error estimate says the QR route must decide."""
-        gp, gq, c = self._stacked_grams(terms)
+        gp, cgqc, c = self._stacked_grams(terms)
         chol, info = torch.linalg.cholesky_ex(gp)
         if int(info) != 0:
             return None
-        cgqc = gq * c[:, None] * c[None, :]
         core = chol.T @ cgqc @ chol  # F C Gq C Fᵀ with F = cholᵀ: (2r, 2r), its eigenvalues are σᵢ²
         # Only the top eigenvector's *direction* is taken from here (float32 eigh is ~1.6× faster and
         # its ε₃₂/gap error is far inside the tolerance); σ is measured afterwards as ‖D v‖ in float64.
-        evals, evecs = torch.linalg.eigh(((core + core.T) / 2).to(torch.float32))
+        # eigh reads only the lower triangle, so the core needs no symmetrising.
+        evals, evecs = torch.linalg.eigh(core.to(torch.float32))
         if not float(evals[-1]) > 0:
             return None
-        w = c * (chol @ evecs[:, -1].to(torch.float64))  # v ∝ Q w
+        y = chol @ evecs[:, -1].to(torch.float64)
+        w = c * y  # v ∝ Q w
         v = _combine(terms, w, "right")
         v_norm = float(torch.linalg.vector_norm(v))
         if not v_norm > 0:
             return None
         v = v / v_norm
-        z = c * (gq @ w) / v_norm  # C Qᵀ v, so that D v = P z
+        z = cgqc @ y / v_norm  # C Qᵀ v = C Gq C y / ‖Q w‖, so that D v = P z
         u = _combine(terms, z, "left")
         sigma = float(torch.linalg.vector_norm(u))
         if not sigma > 0:
@@ -288,18 +293,13 @@ class FactorWindow:
         # independent, so they add in quadrature (ℓ2), like γ = ε·√n itself; the 1e-8 tolerance leaves a
         # margin of 1000× below the 1e-5 target for the cases where they happen to align.
         gamma = _EPS64 * math.sqrt(max(self.rows, self.cols))
-        kappa_q2 = float((w.square() * gq.diagonal()).sum()) / v_norm**2
+        kappa_q2 = float((w.square() * cgqc.diagonal()).sum()) / v_norm**2  # diag(C Gq C) = diag(Gq)
         kappa_p2 = float((z.square() * gp.diagonal()).sum()) / sigma**2
         # Second-order (normwise) term: a perturbation of the whole core of relative size γ·tr·tr/σ².
-        normwise = gamma * float(gp.trace()) * float(gq.trace()) / sigma**2
+        normwise = gamma * float(gp.trace()) * float(cgqc.trace()) / sigma**2
         if gamma * (kappa_p2 + kappa_q2) > _GRAM_TOLERANCE or normwise > 1e-4:
             return None
         return sigma, u / sigma, v
-
-
-def _is_zero(t: _Term) -> bool:
-    """Exactly zero product: a factor with no non-zero entry (e.g. PEFT's B = 0 at step 0)."""
-    return bool(t.gram_left.trace() == 0) or bool(t.gram_right.trace() == 0)
 
 
 def _combine(terms: list[_Term], coeffs: Tensor, side: str) -> Tensor:

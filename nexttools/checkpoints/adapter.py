@@ -208,11 +208,11 @@ def lora_delta(module: LoraModule, lora_a: torch.Tensor, lora_b: torch.Tensor) -
     (exactly), and the scaling is applied once, in float32.
     """
     lora_a, lora_b = lora_a.to(torch.float32), lora_b.to(torch.float32)
+    # Transposed views, not copies: every consumer multiplies them, and the extractor copies them to
+    # float64 in the layout it needs anyway.
     if module.transposed:
-        left, right = lora_a.T * module.scaling, lora_b
-    else:
-        left, right = lora_b * module.scaling, lora_a.T
-    return LowRankFactors(left=left.contiguous(), right=right.contiguous())
+        return LowRankFactors(left=lora_a.T * module.scaling, right=lora_b)
+    return LowRankFactors(left=lora_b * module.scaling, right=lora_a.T)
 
 
 def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:
