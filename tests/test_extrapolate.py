@@ -531,11 +531,11 @@ from pathlib import Path
 from nexttools import writer
 from nexttools.extrapolate import ExtrapolateOptions, extrapolate
 
-real_add = writer.ShardedWriter.add
-def slow_add(self, name, tensor):
-    real_add(self, name, tensor)
+real_submit = writer.ShardedWriter._submit  # every write, whole tensors and pieces alike
+def slow_submit(self, *args, **kwargs):
+    real_submit(self, *args, **kwargs)
     time.sleep(0.2)
-writer.ShardedWriter.add = slow_add
+writer.ShardedWriter._submit = slow_submit
 extrapolate(ExtrapolateOptions(workdir=Path({str(lora_workdir)!r}), out=Path({str(out)!r}),
                                max_shard_size=50_000, device="cpu", base_model_id="org/tiny"))
 """

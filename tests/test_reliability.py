@@ -360,7 +360,9 @@ def test_a_full_disk_in_extract_and_fit(run: DemoRun, mount: Path, capsys, monke
 _HOOKS = {
     "extract": "import nexttools.extract_sources as m\nm.LoraWindow.hold = started(m.LoraWindow.hold)",
     "fit": "import nexttools.predictor.training as m\nm.train_nets = started(m.train_nets)",
-    "extrapolate": "from nexttools import writer as m\nm.ShardedWriter.add = started(m.ShardedWriter.add)",
+    "extrapolate": (
+        "from nexttools import writer as m\nm.ShardedWriter._submit = started(m.ShardedWriter._submit)"
+    ),
 }
 
 

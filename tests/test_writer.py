@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from nexttools import writer as writer_module
 from nexttools.errors import UserError
+from nexttools.lowrank import LowRankFactors
 from nexttools.manifest import MANIFEST_NAME
+from nexttools.outputs.model_folder import ModuleUpdate
 from nexttools.writer import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -245,3 +247,23 @@ def test_a_tensor_written_in_pieces_is_the_same_file(tmp_path: Path) -> None:
     ):
         name = writer.names[0]
         writer.add_pieces(name, [tensors[name].reshape(-1)[:3]])
+
+
+def test_a_module_update_in_row_blocks_equals_the_whole_sum_and_leaves_the_weight_alone() -> None:
+    """Extrapolated modules are computed a row block at a time (bounded memory); the blocks must
+    concatenate to W + Σ changes, for factor and dense changes alike, and W must not change."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 48, generator=gen).to(torch.bfloat16)
+    kept = weight.clone()
+    factors = LowRankFactors(torch.randn(1000, 4, generator=gen), torch.randn(48, 4, generator=gen))
+    dense = torch.randn(1000, 48, generator=gen)
+    update = ModuleUpdate(weight, (factors, dense), torch.device("cpu"))
+    blocks = list(update.blocks(block_bytes=48 * 4 * 64))  # 64 rows a block
+    assert len(blocks) == 16 and all(b.dtype == torch.float32 for b in blocks)
+    whole = weight.float() + factors.left @ factors.right.T + dense
+    torch.testing.assert_close(torch.cat(blocks), whole, rtol=1e-6, atol=1e-6)
+    assert torch.equal(weight, kept)
+    same_dtype = torch.randn(10, 3, generator=gen)  # a float32 W: the block must still be a copy
+    before = same_dtype.clone()
+    list(ModuleUpdate(same_dtype, (torch.ones(10, 3),), torch.device("cpu")).blocks(12))
+    assert torch.equal(same_dtype, before)

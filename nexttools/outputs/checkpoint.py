@@ -28,7 +28,7 @@ from nexttools.manifest import CARD_NAME, MANIFEST_NAME, Manifest
 from nexttools.methods import Method
 from nexttools.outputs.adapter import ADAPTER_WEIGHTS, read_adapter_tensors
 from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest, Weights
-from nexttools.outputs.model_folder import CONFIG_NAME, apply_change, plan_model, write_model
+from nexttools.outputs.model_folder import CONFIG_NAME, ModuleUpdate, plan_model, write_model
 from nexttools.outputs.recipes import code, dtype_kwargs, lora_config
 from nexttools.outputs.side import copy_files, sizes_of, writer_file_sizes
 from nexttools.run import OpenedRun
@@ -108,9 +108,8 @@ class TrainerCheckpoint(OutputFormat):
         plan = plan_model(last, modules, changed=modules, untie=False, out_dtype=None)
         device = request.device
 
-        def compute(name: str) -> torch.Tensor:  # a copy: the run keeps W_c for the method's change
-            weight = run.weight(run.rows - 1, name).to(device, torch.float32, copy=True)
-            return apply_change(weight, jump.change(name))
+        def compute(name: str) -> ModuleUpdate:  # W_c is only read: the method's change reads it too
+            return ModuleUpdate(run.weight(run.rows - 1, name), (jump.change(name),), device)
 
         # Any other copy of the weights would be loaded instead of (or over) the jumped ones.
         stale = {p.name for p in folder.glob("pytorch_model*.bin*")} | {"pytorch_model.bin.index.json"}

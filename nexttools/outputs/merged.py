@@ -15,12 +15,7 @@ import torch
 from nexttools.checkpoints.adapter import AdapterCheckpoint
 from nexttools.manifest import Manifest
 from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest
-from nexttools.outputs.model_folder import (
-    apply_change,
-    model_side_files,
-    plan_model,
-    write_model,
-)
+from nexttools.outputs.model_folder import ModuleUpdate, model_side_files, plan_model, write_model
 from nexttools.outputs.recipes import KL_NOTE, code, dtype_kwargs, lora_config
 from nexttools.outputs.side import copy_files, sizes_of, writer_file_sizes
 
@@ -49,17 +44,15 @@ class Merged(OutputFormat):
         )
         device = request.device
 
-        def compute(name: str) -> torch.Tensor:
-            if isinstance(last, AdapterCheckpoint):
+        def compute(name: str) -> ModuleUpdate:
+            if isinstance(last, AdapterCheckpoint):  # W_c = the stored weight + the last LoRA delta
                 stored = (
                     last.carried_tensor(name)
                     if name in carried
                     else plan.template.get(plan.source_name[name])
                 )
-                weight = apply_change(stored.to(device, torch.float32), last.factors(name))
-            else:  # a copy: the run keeps W_c for the method's change, which must not see it change
-                weight = run.weight(run.rows - 1, name).to(device, torch.float32, copy=True)
-            return apply_change(weight, jump.change(name))
+                return ModuleUpdate(stored, (last.factors(name), jump.change(name)), device)
+            return ModuleUpdate(run.weight(run.rows - 1, name), (jump.change(name),), device)
 
         def carried_tensor(name: str) -> torch.Tensor | None:
             return (

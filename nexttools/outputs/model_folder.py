@@ -10,7 +10,7 @@ and shards up front (all shapes are in the headers), and streams them tensor by 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,28 +120,51 @@ def plan_model(
     return ModelPlan(template, specs, source_name, set(computed), untied, config, model_dtype)
 
 
-def apply_change(weight: torch.Tensor, change: Change) -> torch.Tensor:
-    """``weight`` + ``change`` in place (float32 ``weight``; the change is moved to its device)."""
-    if isinstance(change, torch.Tensor):
-        return weight.add_(change.to(weight.device))
-    if change.rank:
-        weight.addmm_(change.left.to(weight.device), change.right.to(weight.device).T)
-    return weight
+@dataclass(frozen=True, eq=False)
+class ModuleUpdate:
+    """A trained module's new value W + Σ changes, left uncomputed so that it is written in row blocks.
+
+    weight: (rows, cols) as stored (any float dtype), never modified; changes: factors or dense
+    (rows, cols) tensors, added in order in float32 on ``device``. A whole float32 copy of an 8B
+    model's MLP weight is 235 MB; a block is at most :data:`COPY_BLOCK_BYTES`.
+    """
+
+    weight: torch.Tensor
+    changes: tuple[Change, ...]
+    device: torch.device
+
+    def block(self, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` of W + Σ changes, float32 on the device (a new tensor)."""
+        out = self.weight[rows].to(self.device, torch.float32, copy=True)
+        for change in self.changes:
+            if isinstance(change, torch.Tensor):
+                out.add_(change[rows].to(self.device))
+            elif change.rank:
+                out.addmm_(change.left[rows].to(self.device), change.right.to(self.device).T)
+        return out
+
+    def blocks(self, block_bytes: int) -> Iterator[torch.Tensor]:
+        """Every row block of the result, in order, each about ``block_bytes`` in float32."""
+        rows = self.weight.shape[0]
+        step = max(1, block_bytes // (4 * max(1, self.weight[0].numel())))
+        for start in range(0, rows, step):
+            yield self.block(slice(start, start + step))
 
 
 def write_model(
     folder: Path,
     plan: ModelPlan,
-    compute: Callable[[str], torch.Tensor],
+    compute: Callable[[str], ModuleUpdate],
     *,
     max_shard_size: int,
     overrides: Callable[[str], torch.Tensor | None] = lambda name: None,
 ) -> None:
     """Stream every tensor of ``plan`` into the shards of ``folder``, then its ``config.json``.
 
-    ``compute(name)`` gives a computed tensor in float32; it is checked to fit the output dtype
-    (finite, in range) and rounded once. ``overrides(name)`` may replace a copied tensor (an
-    adapter's carried ``modules_to_save``); everything else is the template's, bit-for-bit.
+    ``compute(name)`` gives a trained module's update, computed here in float32 row blocks; each
+    block is checked to fit the output dtype (finite, in range) and rounded once. ``overrides(name)``
+    may replace a copied tensor (an adapter's carried ``modules_to_save``); everything else is the
+    template's, bit-for-bit.
     """
     specs = {spec.name: spec for spec in plan.specs}
     with ShardedWriter(folder, max_shard_size, plan.specs) as writer, progress() as bar:
@@ -149,28 +172,36 @@ def write_model(
         for name in writer.names:
             dtype = specs[name].dtype
             if name in plan.computed:
-                exact = compute(name)
-                # NaN fails the comparisons; anything beyond the dtype's range rounds to ±inf.
-                # (aminmax is one pass with no temporary: ~10x cheaper than an inf-norm.)
-                low, high = (float(x) for x in torch.aminmax(exact))
-                if not -torch.finfo(dtype).max <= low <= high <= torch.finfo(dtype).max:
-                    raise UserError(
-                        f"the extrapolated {name} has non-finite values in {dtype} "
-                        "(try a smaller --alpha or --dtype float32); nothing was written"
-                    )
-                tensor = exact.to(dtype)
-            else:
-                override = overrides(name)
-                if override is None:  # copied in blocks: a 1 GB embedding never sits in memory whole
-                    blocks = plan.template.blocks(plan.source_name[name], COPY_BLOCK_BYTES)
-                    writer.add_pieces(name, (block.to(dtype) for block in blocks))
-                    bar.advance(task)
-                    continue
-                tensor = override.to(dtype)
-            writer.add(name, tensor)
+                blocks = compute(name).blocks(COPY_BLOCK_BYTES)
+                writer.add_pieces(name, (_rounded(name, block, dtype) for block in blocks))
+                bar.advance(task)
+                continue
+            override = overrides(name)
+            if override is None:  # copied in blocks: a 1 GB embedding never sits in memory whole
+                copied = plan.template.blocks(plan.source_name[name], COPY_BLOCK_BYTES)
+                writer.add_pieces(name, (block.to(dtype) for block in copied))
+                bar.advance(task)
+                continue
+            writer.add(name, override.to(dtype))
             bar.advance(task)
         writer.finish()
     (folder / CONFIG_NAME).write_text(plan.config_text)
+
+
+def _rounded(name: str, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 block rounded once to ``dtype``, flat, after checking that it fits.
+
+    NaN fails the comparisons; anything beyond the dtype's range would round to ±inf. (aminmax is
+    one pass with no temporary: ~10x cheaper than an inf-norm.) A refusal mid-tensor leaves a partial
+    shard in the staging folder, which the caller discards.
+    """
+    low, high = (float(x) for x in torch.aminmax(exact))
+    if not -torch.finfo(dtype).max <= low <= high <= torch.finfo(dtype).max:
+        raise UserError(
+            f"the extrapolated {name} has non-finite values in {dtype} "
+            "(try a smaller --alpha or --dtype float32); nothing was written"
+        )
+    return exact.to(dtype).reshape(-1)
 
 
 def model_side_files(model_folder: Path, base_folder: Path, *, remote_code_from: Path) -> dict[str, Path]:

@@ -21,7 +21,7 @@ from nexttools.errors import UserError
 from nexttools.manifest import Manifest
 from nexttools.methods import Method
 from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest
-from nexttools.outputs.model_folder import apply_change, model_side_files, plan_model, write_model
+from nexttools.outputs.model_folder import ModuleUpdate, model_side_files, plan_model, write_model
 from nexttools.outputs.recipes import KL_NOTE, code, dtype_kwargs, last_checkpoint, lora_config
 from nexttools.outputs.side import copy_files, sizes_of, writer_file_sizes
 from nexttools.run import OpenedRun
@@ -47,9 +47,8 @@ class NewBase(OutputFormat):
         modules = run.modules
         plan = plan_model(run.base, modules, changed=modules, untie=True, out_dtype=request.dtype)
 
-        def compute(name: str) -> torch.Tensor:
-            base = plan.template.get(plan.source_name[name]).to(device, torch.float32)
-            return apply_change(base, jump.change(name))
+        def compute(name: str) -> ModuleUpdate:
+            return ModuleUpdate(plan.template.get(plan.source_name[name]), (jump.change(name),), device)
 
         side = model_side_files(run.base_path, run.base_path, remote_code_from=run.base_path)
         files = writer_file_sizes(plan, request.max_shard_size) | sizes_of(side)
