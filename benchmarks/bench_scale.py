@@ -11,9 +11,10 @@ Projection (per the layer count, the work that scales with it):
   has 1.98× the per-layer (rows + cols) of 8B, so 80 / 4 × 1.98 ×. Its peak RSS does not grow with
   the layer count.
 - ``extrapolate`` is a copy of the base with every trained module recomputed: its time scales with
-  the bytes written (the 4-layer model is 3.8 GB, 8B is 16.1 GB, 70B 141 GB); its peak RSS is set by
-  the largest module computed in float32 (14336 × 4096 × 4 B = 235 MB for 8B, 28672 × 8192 × 4 B =
-  940 MB for 70B) and its bf16 copy and base weight, plus the Python/torch baseline.
+  the bytes written (the 4-layer model is 3.8 GB, 8B is 16.1 GB, 70B 141 GB). Modules are computed
+  and written in 32 MiB row blocks, so its peak RSS is set by the largest module's base weight as
+  stored (14336 × 4096 × 2 B = 117 MB for 8B, 28672 × 8192 × 2 B = 470 MB for 70B) plus a few
+  blocks and the Python/torch baseline.
 
     python -m benchmarks.bench_scale        # also part of `make bench`
 """
