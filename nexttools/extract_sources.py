@@ -21,6 +21,7 @@ from nexttools.checkpoints.base import recorded_base, resolve_base
 from nexttools.checkpoints.discover import CheckpointRef
 from nexttools.checkpoints.fingerprint import fingerprint
 from nexttools.checkpoints.weights import ModelWeights
+from nexttools.dense_rank1 import rank1_dense
 from nexttools.errors import UserError
 from nexttools.frobenius import inner
 from nexttools.lowrank import (
@@ -28,7 +29,6 @@ from nexttools.lowrank import (
     NonFiniteFactors,
     Rank1,
     energy_ratio,
-    rank1_dense,
 )
 from nexttools.store import RunKind
 

@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 0: foundations and the typed documents every layer may use
     ("nexttools", "errors", "console", "device", "options", "workdir", "locking", "manifest", "threads"),
     ("checkpoints",),
-    ("lowrank",),
+    ("lowrank", "dense_rank1"),
     ("store",),
     ("predictor", "run", "frobenius", "consistency", "worth", "evaluation", "verdict"),
     ("methods",),

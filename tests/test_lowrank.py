@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+import nexttools.dense_rank1 as dense_rank1
 import nexttools.lowrank as lowrank
+from nexttools.dense_rank1 import rank1_dense
 from nexttools.lowrank import (
     FactorWindow,
     LowRankFactors,
@@ -21,7 +23,6 @@ from nexttools.lowrank import (
     Rank1,
     align_sign,
     energy_ratio,
-    rank1_dense,
     rank1_of_difference,
 )
 
@@ -354,9 +355,9 @@ def test_dense_small_and_zero_and_bf16() -> None:
 def test_dense_falls_back_to_svd_when_not_converged(monkeypatch: pytest.MonkeyPatch) -> None:
     delta = _with_spectrum(400, 300, torch.linspace(1.0, 0.9, 60, dtype=torch.float64), 4)
     calls: list[int] = []
-    svd = lowrank._rank1_svd
-    monkeypatch.setattr(lowrank, "_DENSE_MAX_STEPS", 1)
-    monkeypatch.setattr(lowrank, "_rank1_svd", lambda a: calls.append(1) or svd(a))
+    svd = dense_rank1._rank1_svd
+    monkeypatch.setattr(dense_rank1, "_DENSE_MAX_STEPS", 1)
+    monkeypatch.setattr(dense_rank1, "_rank1_svd", lambda a: calls.append(1) or svd(a))
     _assert_matches_svd(rank1_dense(delta), delta)
     assert calls == [1]
 
