@@ -8,3 +8,7 @@ stderr and exit code 2; anything else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's inputs or environment, reported as one line, exit code 2."""
+
+
+class PeerFailed(Exception):
+    """Another rank of a ``torchrun`` job failed and printed why; this one exits 2 without a line."""

@@ -19,6 +19,7 @@ Order of work, and why:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from dataclasses import dataclass, replace
@@ -33,9 +34,11 @@ from nexttools.console import progress, warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.extract_plan import Plan, plan_rows
+from nexttools.extract_ranks import ModuleResult, module_results
 from nexttools.extract_sources import ModuleWindow, Source, open_source
 from nexttools.lowrank import Rank1, align_sign
 from nexttools.options import argument, device_option, option, store_option, workdir_option
+from nexttools.ranks import Ranks, joined, together
 from nexttools.store import (
     KINDS,
     VERSION,
@@ -49,7 +52,7 @@ from nexttools.store import (
     partial_path,
     store_lock,
 )
-from nexttools.threads import cpu_workers, in_order, single_threaded_kernels
+from nexttools.threads import cpu_workers, single_threaded_kernels
 from nexttools.workdir import Workdir
 
 
@@ -140,9 +143,24 @@ def extract(options: ExtractOptions) -> ExtractSummary:
         raise UserError(f"--k must be at least 1, got {options.k}")
     if options.every is not None and options.every < 1:
         raise UserError(f"--every must be at least 1, got {options.every}")
-    device = resolve_device(options.device)
-    refs = discover_checkpoints(Path(options.run), steps=options.steps, every=options.every)
-    source = open_source(refs, options.base, device)
+    with joined(resolve_device(options.device)) as ranks:
+        summary = _extract(options, ranks)
+    if summary.checkpoints < options.k + 2:
+        message = (
+            f"the store has {summary.checkpoints} checkpoints; `nexttools fit` needs at least "
+            f"k+2 = {options.k + 2} (extract again when the run has more)"
+        )
+        warn(message)
+        summary = replace(summary, warnings=(*summary.warnings, message))
+    return summary
+
+
+def _extract(options: ExtractOptions, ranks: Ranks) -> ExtractSummary:
+    """:func:`extract` on this rank: every step that can fail is taken by all ranks together, and
+    only rank 0 creates folders, holds the lock and writes (:mod:`nexttools.ranks`)."""
+    with together(ranks):
+        refs = discover_checkpoints(Path(options.run), steps=options.steps, every=options.every)
+        source = open_source(refs, options.base, ranks.device)
     fresh = StoreLayout(
         k=options.k,
         source=str(options.run),
@@ -159,39 +177,33 @@ def extract(options: ExtractOptions) -> ExtractSummary:
         carried=tuple(source.carried),
     )
     store_path = Path(options.store_path)
-    created = _create_folder(store_path.parent)
+    created: list[Path] = []
     try:
-        with store_lock(store_path):
-            partial_path(store_path).unlink(missing_ok=True)  # left by a killed run: we hold the lock
-            old = open_store(store_path) if store_path.exists() else None
-            try:
-                summary = _update_store(source, fresh, old, store_path)
-            finally:
-                if old is not None:
-                    old.close()
+        with contextlib.ExitStack() as held:
+            with together(ranks):
+                if ranks.writer:
+                    created = _create_folder(store_path.parent)
+                    held.enter_context(store_lock(store_path))
+                    partial_path(store_path).unlink(missing_ok=True)  # left by a killed run: we hold the lock
+            with together(ranks):  # after the lock: the store read is the one rank 0 replaces
+                old = open_store(store_path) if store_path.exists() else None
+            if old is not None:
+                held.callback(old.close)
+            return _update_store(source, fresh, old, store_path, ranks)
     except BaseException:
         _remove_empty(created)
         raise
-    if summary.checkpoints < options.k + 2:
-        message = (
-            f"the store has {summary.checkpoints} checkpoints; `nexttools fit` needs at least "
-            f"k+2 = {options.k + 2} (extract again when the run has more)"
-        )
-        warn(message)
-        summary = replace(summary, warnings=(*summary.warnings, message))
-    return summary
-
-
-# One module's rows per kind and Gram band (None when the store is up to date) and energy ratio.
-_ModuleResult = tuple[dict[DeltaKind, DeltaArrays] | None, np.ndarray | None, float | None]
 
 
 def _update_store(
-    source: Source, fresh: StoreLayout, old: TrajectoryStore | None, store: Path
+    source: Source, fresh: StoreLayout, old: TrajectoryStore | None, store: Path, ranks: Ranks
 ) -> ExtractSummary:
-    old_gram = old.gram() if old is not None else None
-    old_lags = old_gram.shape[2] if old_gram is not None else None
-    plan = plan_rows(fresh, old.layout if old is not None else None, store, old_lags)
+    """Plan, compute and write the store (rank 0 writes; on other ranks the summary's figures are
+    those of the old store: only rank 0 sees every module)."""
+    with together(ranks):
+        old_gram = old.gram() if old is not None else None
+        old_lags = old_gram.shape[2] if old_gram is not None else None
+        plan = plan_rows(fresh, old.layout if old is not None else None, store, old_lags)
     for message in plan.warnings:
         warn(message)
     layout = replace(
@@ -207,10 +219,10 @@ def _update_store(
     energy_load = source.reports_energy and last.source is not None and len(plan.rows) - 1 not in plan.needed
     steps_read = sorted({plan.rows[i].step for i in plan.needed} | ({last.step} if energy_load else set()))
 
-    def one_module(j: int) -> _ModuleResult:
+    def one_module(j: int) -> ModuleResult:
         window = source.window(layout.modules[j], slots=gram_lags(layout.k))
         rows, gram, energy = None, None, None
-        if writer is not None:
+        if not up_to_date:
             old_band = old_gram[j] if old_gram is not None else None
             rows, gram, energy = _module_rows(window, plan, j, layout.shapes[j], old, old_band)
         if energy_load and last.source is not None:
@@ -221,11 +233,22 @@ def _update_store(
     energies: list[float] = []
     grams: list[np.ndarray] = []
     workers = cpu_workers(source.device)
-    writer = None if up_to_date else StoreWriter(store, layout)
+    writer = None
+    with together(ranks):
+        if not up_to_date and ranks.writer:
+            writer = StoreWriter(store, layout)
     try:
         with progress() as bar, single_threaded_kernels():
             task = bar.add_task("extract", total=len(layout.modules))
-            results = in_order(one_module, range(len(layout.modules)), workers)
+            results = module_results(
+                one_module,
+                layout.shapes,
+                len(plan.rows),
+                gram_lags(layout.k),
+                with_rows=not up_to_date,
+                ranks=ranks,
+                workers=workers,
+            )
             for j, (rows, gram, energy) in enumerate(results):
                 if writer is not None:
                     assert rows is not None and gram is not None
@@ -236,8 +259,9 @@ def _update_store(
                 if energy is not None and not math.isnan(energy):  # NaN: zero delta, no ratio
                     energies.append(energy)
                 bar.advance(task)
-        if writer is not None:
-            writer.commit()
+        with together(ranks):  # the others exit 2 too if the store cannot be committed
+            if writer is not None:
+                writer.commit()
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -263,7 +287,7 @@ def _update_store(
         rows_computed={kind: len(plan.compute[kind]) for kind in KINDS},
         steps_read=tuple(steps_read),
         rebuilt=plan.rebuilt,
-        written=writer is not None,
+        written=not up_to_date,
         store_fingerprint=content_fingerprint(
             VERSION, layout.k, layout.steps, layout.fingerprints, layout.modules
         ),

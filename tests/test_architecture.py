@@ -13,7 +13,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nexttools"
 
 LAYERS: list[tuple[str, ...]] = [
     # 0: foundations and the typed documents every layer may use
-    ("nexttools", "errors", "console", "device", "options", "workdir", "locking", "manifest", "threads"),
+    (
+        "nexttools",
+        "errors",
+        "console",
+        "device",
+        "options",
+        "workdir",
+        "locking",
+        "manifest",
+        "threads",
+        "ranks",
+    ),
     ("checkpoints",),
     ("lowrank", "dense_rank1"),
     ("store",),
@@ -22,11 +33,21 @@ LAYERS: list[tuple[str, ...]] = [
     ("outputs", "writer", "skill"),
     ("card",),
     ("hub",),
-    ("extract", "extract_plan", "extract_sources", "fit", "advisor", "inspect_run", "plots", "extrapolate"),
+    (
+        "extract",
+        "extract_plan",
+        "extract_sources",
+        "extract_ranks",
+        "fit",
+        "advisor",
+        "inspect_run",
+        "plots",
+        "extrapolate",
+    ),
     ("cli", "__main__"),
 ]
 COMMAND_FAMILIES = [
-    {"extract", "extract_plan", "extract_sources"},
+    {"extract", "extract_plan", "extract_sources", "extract_ranks"},
     {"fit"},
     {"advisor"},
     {"inspect_run", "plots"},

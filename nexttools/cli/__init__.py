@@ -4,7 +4,8 @@ Each subcommand lives in its own module of this package and only parses options,
 function and prints its summary. :func:`main` ends every way a run can fail in one line on stderr:
 
 - a :class:`~nexttools.errors.UserError`, a usage mistake, or a file-system refusal (full disk,
-  read-only location, a path below a regular file...): exit code 2;
+  read-only location, a path below a regular file...): exit code 2 (under torchrun, the ranks that
+  did not fail first exit 2 silently: :mod:`nexttools.ranks`);
 - Ctrl-C (SIGINT): exit 130; SIGTERM (``timeout``, Slurm, ``docker stop``): exit 143.
 
 Interruptions are raised as exceptions, so every staging folder, partial store and lock is removed
@@ -23,7 +24,8 @@ from rich.markup import escape
 
 from nexttools import __version__
 from nexttools.console import console
-from nexttools.errors import UserError
+from nexttools.errors import PeerFailed, UserError
+from nexttools.ranks import launched_rank
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
@@ -69,7 +71,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    # The message is the user's own text (paths, commands): never read as rich markup.
+    # The message is the user's own text (paths, commands): never read as rich markup. A quiet
+    # torchrun rank that failed first still says why.
+    console.quiet = False
     console.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True, highlight=False)
     sys.exit(code)
 
@@ -79,9 +83,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     interrupted = "any partial output, store or lock was removed; re-run the command to finish"
     try:
+        console.quiet = launched_rank() != 0
         cli.main(standalone_mode=False)
     except UserError as error:
         _fail(str(error), 2)
+    except PeerFailed:
+        sys.exit(2)  # a torchrun peer failed and printed the cause: one line is enough
     except click.UsageError as error:
         hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
         _fail(f"{error.format_message()}{hint}", 2)
@@ -96,6 +103,11 @@ def main() -> None:
             raise
         where = f" {error.filename}" if error.filename else ""
         _fail(f"cannot use{where}: {error.strerror or error}", 2)
+
+
+def on_rank_zero() -> bool:
+    """Whether this process prints the summary (always, unless it is a torchrun rank > 0)."""
+    return launched_rank() == 0
 
 
 # Subcommands register themselves on `cli`; imported last so that they can import it.

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from nexttools.cli import cli
+from nexttools.cli import cli, on_rank_zero
 from nexttools.cli.options import declared
 from nexttools.console import console
 from nexttools.extract import ExtractOptions, ExtractSummary, extract
@@ -23,6 +23,8 @@ def extract_command(as_json: bool, **values: Any) -> None:
     Re-running it after training went on adds only the new checkpoints.
     """
     summary = extract(ExtractOptions(**values))
+    if not on_rank_zero():
+        return
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
     else:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from nexttools.cli import cli
+from nexttools.cli import cli, on_rank_zero
 from nexttools.cli.options import command_line, declared
 from nexttools.console import console
 from nexttools.extrapolate import ExtrapolateOptions, extrapolate
@@ -64,7 +64,7 @@ def extrapolate_command(
         for name, size in summary.files.items():
             console.print(f"  {name}  {size / 1e6:.2f} MB")
     document = summary.document()
-    if push_to_hub and not options.dry_run:
+    if push_to_hub and not options.dry_run and on_rank_zero():
         try:
             target = PushOptions(summary.out, push_to_hub, private=private, token=token, endpoint=endpoint)
             pushed = push(target)
@@ -74,5 +74,5 @@ def extrapolate_command(
             ) from error
         console.print(f"Pushed to {pushed.repo_url}: {pushed.commit_url}", soft_wrap=True)
         document["push"] = pushed.to_json()
-    if as_json:
+    if as_json and on_rank_zero():
         click.echo(json.dumps(document, indent=2))
