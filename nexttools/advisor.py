@@ -49,6 +49,7 @@ from nexttools.predictor import (
     train_predictor,
 )
 from nexttools.predictor.saved import read_config
+from nexttools.ranks import ALONE
 from nexttools.run import OpenedRun
 from nexttools.store import TrajectoryStore, open_store
 from nexttools.store.trajectory import Trajectory
@@ -260,7 +261,7 @@ def _score_all(
                 plan = output.plan(OutputRequest(run, jump, None, _SHARD_SIZE, None, device))
                 _check_space(scratch, sum(plan.files.values()))
                 folder.mkdir()
-                plan.write(folder)
+                plan.write(folder, ALONE)
                 fingerprint = model_fingerprint(folder)
                 score = cache.get(fingerprint)
                 if score is None:

@@ -12,6 +12,7 @@ write the model card and, last, the manifest, and rename the folder into place.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from nexttools.methods import METHODS, JumpRequest, Method, get_method
 from nexttools.options import device_option, option, store_option, workdir_option
 from nexttools.outputs import OUTPUTS, OutputFormat, OutputPlan, OutputRequest, get_output
 from nexttools.predictor.saved import load_predictor, read_config, recorded_backtest
+from nexttools.ranks import Ranks, joined, together
 from nexttools.run import OpenedRun
 from nexttools.store import open_store
 from nexttools.verdict import read_verdict, warn_if_judged
@@ -230,14 +232,23 @@ def _manifest(
 
 
 def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
-    """Write the extrapolated model of ``options`` (nothing with ``dry_run``); see the module docstring."""
+    """Write the extrapolated model of ``options`` (nothing with ``dry_run``); see the module docstring.
+
+    Under torchrun every rank plans the same output, each writes its share of the shards, and rank 0
+    alone stages the folder, writes the rest and commits it (:mod:`nexttools.ranks`).
+    """
+    with joined(resolve_device(options.device)) as ranks, together(ranks):
+        return _extrapolate(options, ranks)
+
+
+def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummary:
     warnings = _check_options(options)
     method, output = get_method(options.method), get_output(options.format)
     workdir = Workdir(options.workdir, options.store)
     store_path = workdir.existing_store()
     out = Path(options.out or workdir.output(options.alpha, method.name, output.suffix))
     out_dtype = DTYPES[options.dtype] if options.dtype else None
-    device = resolve_device(options.device)
+    device = ranks.device
     with open_store(store_path) as store:
         _check_run_kind(store.run_kind, method, output)
         check_destination(out, overwrite=options.overwrite)
@@ -272,15 +283,24 @@ def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
         )
         if options.dry_run:
             return summary
-        with staged_folder(out, overwrite=options.overwrite, needed_bytes=summary.total_bytes) as staging:
-            plan.write(staging)
-            manifest = _manifest(options, run, output, plan, base_id, jump.target_step)
-            write_model_card(staging, manifest)
-            write_manifest(staging, manifest)
-            files = {
-                p.relative_to(staging).as_posix(): p.stat().st_size
-                for p in sorted(staging.rglob("*"))
-                if p.is_file()
-            }
+        with contextlib.ExitStack() as held:
+            with together(ranks):  # rank 0 stages (the lock, the free-space check); the others wait
+                staged = ""
+                if ranks.writer:
+                    folder = staged_folder(out, overwrite=options.overwrite, needed_bytes=summary.total_bytes)
+                    staged = str(held.enter_context(folder))
+            staging = Path(ranks.shared_text(staged))
+            with together(ranks):
+                plan.write(staging, ranks)
+                if not ranks.writer:
+                    return summary
+                manifest = _manifest(options, run, output, plan, base_id, jump.target_step)
+                write_model_card(staging, manifest)
+                write_manifest(staging, manifest)
+                files = {
+                    p.relative_to(staging).as_posix(): p.stat().st_size
+                    for p in sorted(staging.rglob("*"))
+                    if p.is_file()
+                }
     console.print(f"wrote {out} ({len(files)} files, {sum(files.values()) / 1e6:.1f} MB)")
     return replace(summary, files=files)

@@ -97,10 +97,23 @@ class Ranks:
             received.append(buffer.cpu().numpy())
         return received
 
-    def barrier(self) -> None:
-        """Wait until every rank gets here (a no-op alone)."""
-        if self.world > 1:
-            dist.barrier()
+    def shared_text(self, text: str) -> str:
+        """Collective: rank 0's ``text`` on every rank (the others pass anything, e.g. "")."""
+        if self.world == 1:
+            return text
+        mine = list(text.encode()) if self.writer else []
+        length = torch.tensor([len(mine)], dtype=torch.int64, device=self._wire)
+        dist.broadcast(length, src=0)
+        buffer = torch.zeros(int(length), dtype=torch.uint8)
+        if self.writer:
+            buffer = torch.tensor(mine, dtype=torch.uint8)
+        buffer = buffer.to(self._wire)
+        dist.broadcast(buffer, src=0)
+        return bytes(buffer.cpu().tolist()).decode()
+
+
+ALONE = Ranks(0, 1, torch.device("cpu"))
+"""One process, not launched by torchrun: it owns everything."""
 
 
 @contextmanager

@@ -41,6 +41,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from nexttools.errors import UserError
 from nexttools.locking import exclusive_lock
 from nexttools.manifest import MANIFEST_NAME
+from nexttools.ranks import ALONE, Ranks
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -134,27 +135,39 @@ class ShardedWriter:
 
     Add the tensors one at a time in the order of :attr:`names` (the plan's on-disk order); each
     must match its spec's shape and dtype. A shard file is opened with its full header when its
-    first tensor arrives and closed after its last one; :meth:`finish` then writes the index (when
-    there are several shards). Writing overlaps the caller's computation of the next tensor (one
-    background thread, one write in flight). Use it as a context manager (or call :meth:`close`),
-    inside :func:`staged_folder` so that a failure leaves nothing.
+    first tensor arrives and closed after its last one; :meth:`finish` checks that none is missing,
+    and :meth:`write_index` then writes the index (when there are several shards). Writing overlaps
+    the caller's computation of the next tensor (one background thread, one write in flight). Use it
+    as a context manager (or call :meth:`close`), inside :func:`staged_folder` so that a failure
+    leaves nothing.
 
     Args:
         out_dir: existing folder to write into.
         max_shard_size_bytes: maximum tensor bytes per shard (a larger tensor gets its own shard).
         specs: every output tensor, in the order the caller produces them.
+        ranks: under torchrun, this writer writes only the shards its rank owns (shard ``s`` is rank
+            ``s mod N``'s), and :attr:`names` lists only their tensors; the plan is every rank's.
     """
 
-    def __init__(self, out_dir: Path, max_shard_size_bytes: int, specs: Sequence[TensorSpec]) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        max_shard_size_bytes: int,
+        specs: Sequence[TensorSpec],
+        ranks: Ranks = ALONE,
+    ) -> None:
         if sys.byteorder != "little":
             raise UserError("safetensors files are little-endian; this machine is big-endian")
         self.out_dir = Path(out_dir)
         self.shards = plan_shards(specs, max_shard_size_bytes)
-        self.names: list[str] = [spec.name for shard in self.shards for spec in shard.tensors]
         self.total_size: int = sum(shard.nbytes for shard in self.shards)
         self._queue = [
-            (shard_index, spec) for shard_index, shard in enumerate(self.shards) for spec in shard.tensors
+            (shard_index, spec)
+            for shard_index, shard in enumerate(self.shards)
+            if ranks.owner(shard_index) == ranks.rank
+            for spec in shard.tensors
         ]
+        self.names: list[str] = [spec.name for _, spec in self._queue]
         self._next = 0
         self._file: BinaryIO | None = None  # the shard being written, owned by the writer thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexttools-writer")
@@ -249,18 +262,20 @@ class ShardedWriter:
         if pending is not None:
             pending.result()
 
-    def finish(self) -> list[str]:
-        """Check that every planned tensor was written, write the index, return :attr:`files`."""
+    def finish(self) -> None:
+        """Wait for the last write and check that every tensor of :attr:`names` was written."""
         self._wait()
         if self._next != len(self._queue):
             missing = self._queue[self._next][1].name
             raise ValueError(
                 f"{len(self._queue) - self._next} planned tensors not written, first {missing!r}"
             )
+
+    def write_index(self) -> None:
+        """Write ``model.safetensors.index.json`` (nothing for one shard): last, once every shard is."""
         index = self._index_text()
         if index is not None:
             (self.out_dir / INDEX_FILE).write_text(index)
-        return self.files
 
     def close(self) -> None:
         """Stop the writer thread and close any open file (always call it; ``finish`` does not)."""

@@ -41,6 +41,7 @@ def _merged_output(folder: Path, limit: int) -> dict[str, torch.Tensor]:
         for name in writer.names:
             writer.add(name, tensors[name])
         writer.finish()
+        writer.write_index()
     (folder / "config.json").write_text('{"model_type": "llama"}\n')
     (folder / "tokenizer.json").write_text('{"version": "1.0"}\n')
     (folder / "README.md").write_text("# card\n")

@@ -1,5 +1,6 @@
 """``torchrun --nproc-per-node 2 --no-python nexttools ...``: two gloo processes on this machine give
-byte for byte what one process gives, and a failure on one rank is one line, with nothing left behind.
+byte for byte what one process gives (``extract``'s store, ``extrapolate``'s folder), and a failure on
+one rank is one line, with nothing left behind.
 
 Each case launches the real torchrun (``python -m torch.distributed.run``) on the installed console
 script, as the README tells users to.
@@ -7,6 +8,7 @@ script, as the README tells users to.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -108,3 +110,60 @@ def test_a_held_lock_refuses_every_rank(short_run: DemoRun, tmp_path: Path) -> N
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "being written by another nexttools process" in errors[0], done.stderr
     assert not store.exists() and not partial_path(store).exists()
+
+
+def nexttools(*args: str) -> subprocess.CompletedProcess[str]:
+    """The same command as one process, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(NEXTTOOLS), *args], capture_output=True, text=True, env=env, check=False)
+
+
+def _folder(folder: Path) -> dict[str, bytes]:
+    """Every file of an output folder; the manifest without its creation time (the one field that
+    differs between two runs of the same command)."""
+    files = {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+    manifest = json.loads(files.pop("nexttools.json"))
+    del manifest["created_utc"]
+    files["nexttools.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return files
+
+
+@pytest.mark.parametrize(("kind", "output"), [("lora", "merged"), ("lora", "base"), ("full", "checkpoint")])
+def test_two_ranks_write_the_single_process_output(
+    kind: str, output: str, short_run: DemoRun, full_run: Path, tmp_path: Path
+) -> None:
+    """Several shards (--max-shard-size 100KB), each written by its rank; rank 0 writes the index last."""
+    run = short_run.run if kind == "lora" else full_run
+    work = tmp_path / "work"
+    extract(ExtractOptions(run=run, base=str(short_run.base), workdir=work, k=3, device="cpu"))
+    out = tmp_path / "out"
+    args = ("extrapolate", "--workdir", str(work), "--method", "linear-rank1", "--format", output)
+    args += ("--out", str(out), "--max-shard-size", "100KB", "--base-model-id", "org/base")
+    single = nexttools(*args)
+    assert single.returncode == 0, single.stderr
+    expected = _folder(out)
+    out.rename(tmp_path / "single")
+    done = torchrun(*args)
+    assert done.returncode == 0, done.stderr
+    written = _folder(out)
+    assert sum(name.endswith(".safetensors") for name in written) > 2  # both ranks wrote shards
+    assert written == expected
+    assert done.stderr.count("wrote ") == single.stderr.count("wrote ") == 1
+    assert not _strays(tmp_path)
+
+
+def test_a_jump_that_overflows_while_ranks_write_is_one_line_and_no_output(
+    short_run: DemoRun, tmp_path: Path
+) -> None:
+    """α so large that float16 overflows: the ranks writing those shards fail, one line is printed,
+    and neither the output nor its staging folder or lock is left."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    extract(ExtractOptions(run=short_run.run, base=str(short_run.base), workdir=work, k=3, device="cpu"))
+    args = ("extrapolate", "--workdir", str(work), "--method", "factor-linear", "--alpha", "1e30")
+    done = torchrun(*args, "--dtype", "float16", "--out", str(out), "--max-shard-size", "100KB")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "non-finite values in torch.float16" in errors[0], done.stderr
+    assert not out.exists() and not _strays(tmp_path)

@@ -17,6 +17,7 @@ from nexttools.errors import UserError
 from nexttools.lowrank import LowRankFactors
 from nexttools.manifest import MANIFEST_NAME
 from nexttools.outputs.model_folder import ModuleUpdate
+from nexttools.ranks import Ranks
 from nexttools.writer import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -47,6 +48,7 @@ def _write(out: Path, tensors: dict[str, torch.Tensor], limit: int) -> ShardedWr
         for name in writer.names:
             writer.add(name, tensors[name])
         writer.finish()
+        writer.write_index()
     return writer
 
 
@@ -239,6 +241,7 @@ def test_a_tensor_written_in_pieces_is_the_same_file(tmp_path: Path) -> None:
             flat = tensors[name].reshape(-1)
             writer.add_pieces(name, [flat[i : i + 7] for i in range(0, max(flat.numel(), 1), 7)])
         writer.finish()
+        writer.write_index()
     for file in whole.files:
         assert (tmp_path / "pieces" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes(), file
     with (
@@ -267,3 +270,27 @@ def test_a_module_update_in_row_blocks_equals_the_whole_sum_and_leaves_the_weigh
     before = same_dtype.clone()
     list(ModuleUpdate(same_dtype, (torch.ones(10, 3),), torch.device("cpu")).blocks(12))
     assert torch.equal(same_dtype, before)
+
+
+def test_ranks_write_their_own_shards_and_together_the_single_writer_folder(tmp_path: Path) -> None:
+    """Shard s is rank s mod N's: two writers of one plan, one per rank, fill the folder one writes."""
+    tensors = _tensors()
+    (tmp_path / "whole").mkdir()
+    whole = _write(tmp_path / "whole", tensors, 100)
+    assert len(whole.shards) > 2
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    (tmp_path / "split").mkdir()
+    names = []
+    for rank in (1, 0):
+        with ShardedWriter(tmp_path / "split", 100, specs, Ranks(rank, 2, torch.device("cpu"))) as writer:
+            names.append(writer.names)
+            for name in writer.names:
+                writer.add(name, tensors[name])
+            writer.finish()
+    writer.write_index()
+    assert names[0] and names[1] and not set(names[0]) & set(names[1])
+    assert sorted(names[0] + names[1]) == sorted(whole.names)
+    files = sorted(p.name for p in (tmp_path / "split").iterdir())
+    assert files == sorted(whole.files)
+    for file in files:
+        assert (tmp_path / "split" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes(), file

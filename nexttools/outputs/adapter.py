@@ -40,6 +40,7 @@ from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest, Weig
 from nexttools.outputs.model_folder import tokenizer_files
 from nexttools.outputs.recipes import KL_NOTE, code
 from nexttools.outputs.side import copy_files, sizes_of
+from nexttools.ranks import Ranks
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -174,7 +175,9 @@ class Adapter(OutputFormat):
         side = tokenizer_files(run.last_folder, run.base_path)
         dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
 
-        def write(folder: Path) -> None:
+        def write(folder: Path, ranks: Ranks) -> None:  # one small file: rank 0 writes it
+            if not ranks.writer:
+                return
             save_adapter(folder, tensors, config)
             copy_files(side, folder)
 

@@ -19,6 +19,7 @@ import torch
 
 from nexttools.manifest import Manifest
 from nexttools.methods import Jump, Method
+from nexttools.ranks import Ranks
 from nexttools.run import OpenedRun
 
 Weights = Literal["model", "adapter"]
@@ -44,14 +45,15 @@ class OutputRequest:
 class OutputPlan:
     """What an output will write: ``files`` (name -> bytes, exact where known), shards, dtype.
 
-    ``write(folder)`` writes every file but the model card and the manifest into ``folder``;
+    ``write(folder, ranks)`` writes every file but the model card and the manifest into ``folder``
+    (under torchrun, each rank its share of the shards: :func:`~nexttools.outputs.model_folder.write_model`);
     ``adapter_rank`` is the rank an adapter output declares (the manifest records it).
     """
 
     files: dict[str, int]
     shards: int
     dtype: torch.dtype
-    write: Callable[[Path], None]
+    write: Callable[[Path, Ranks], None]
     untied: bool = False
     warnings: list[str] = field(default_factory=list)
     adapter_rank: int | None = None

@@ -31,6 +31,7 @@ from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest, Weig
 from nexttools.outputs.model_folder import CONFIG_NAME, ModuleUpdate, plan_model, write_model
 from nexttools.outputs.recipes import code, dtype_kwargs, lora_config
 from nexttools.outputs.side import copy_files, sizes_of, writer_file_sizes
+from nexttools.ranks import Ranks
 from nexttools.run import OpenedRun
 
 TRAINER_STATE = "trainer_state.json"
@@ -92,7 +93,9 @@ class TrainerCheckpoint(OutputFormat):
             copied = _copied_files(folder, {ADAPTER_WEIGHTS, "adapter_model.bin"})
             dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
 
-            def write_adapter(out: Path) -> None:
+            def write_adapter(out: Path, ranks: Ranks) -> None:  # one small file: rank 0 writes it
+                if not ranks.writer:
+                    return
                 copy_files(copied, out)
                 save_file(
                     {k: t.contiguous() for k, t in tensors.items()},
@@ -116,9 +119,10 @@ class TrainerCheckpoint(OutputFormat):
         copied = _copied_files(folder, {p.name for p in last.files} | {CONFIG_NAME} | stale)
         files = sizes_of(copied) | writer_file_sizes(plan, request.max_shard_size)
 
-        def write_model_checkpoint(out: Path) -> None:
-            copy_files(copied, out)
-            write_model(out, plan, compute, max_shard_size=request.max_shard_size)
+        def write_model_checkpoint(out: Path, ranks: Ranks) -> None:
+            if ranks.writer:
+                copy_files(copied, out)
+            write_model(out, plan, compute, max_shard_size=request.max_shard_size, ranks=ranks)
 
         shards = sum(1 for name in files if name.endswith(".safetensors") and "/" not in name)
         return OutputPlan(files, shards, plan.dtype, write_model_checkpoint)

@@ -18,6 +18,7 @@ from nexttools.outputs.base import OutputFormat, OutputPlan, OutputRequest
 from nexttools.outputs.model_folder import ModuleUpdate, model_side_files, plan_model, write_model
 from nexttools.outputs.recipes import KL_NOTE, code, dtype_kwargs, lora_config
 from nexttools.outputs.side import copy_files, sizes_of, writer_file_sizes
+from nexttools.ranks import Ranks
 
 
 class Merged(OutputFormat):
@@ -62,11 +63,17 @@ class Merged(OutputFormat):
         side = model_side_files(run.last_folder, run.base_path, remote_code_from=template.folder)
         files = writer_file_sizes(plan, request.max_shard_size) | sizes_of(side)
 
-        def write(folder: Path) -> None:
+        def write(folder: Path, ranks: Ranks) -> None:
             write_model(
-                folder, plan, compute, max_shard_size=request.max_shard_size, overrides=carried_tensor
+                folder,
+                plan,
+                compute,
+                max_shard_size=request.max_shard_size,
+                ranks=ranks,
+                overrides=carried_tensor,
             )
-            copy_files(side, folder)
+            if ranks.writer:
+                copy_files(side, folder)
 
         shards = sum(1 for name in files if name.endswith(".safetensors"))
         return OutputPlan(files, shards, plan.dtype, write, untied=plan.untied)

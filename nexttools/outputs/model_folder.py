@@ -20,6 +20,7 @@ import torch
 from nexttools.checkpoints.weights import ModelWeights
 from nexttools.console import progress
 from nexttools.errors import UserError
+from nexttools.ranks import Ranks, together
 from nexttools.run import Change
 from nexttools.writer import ShardedWriter, TensorSpec
 
@@ -157,35 +158,50 @@ def write_model(
     compute: Callable[[str], ModuleUpdate],
     *,
     max_shard_size: int,
+    ranks: Ranks,
     overrides: Callable[[str], torch.Tensor | None] = lambda name: None,
 ) -> None:
-    """Stream every tensor of ``plan`` into the shards of ``folder``, then its ``config.json``.
+    """Stream every tensor of ``plan`` into the shards of ``folder``, then the index and ``config.json``.
 
     ``compute(name)`` gives a trained module's update, computed here in float32 row blocks; each
     block is checked to fit the output dtype (finite, in range) and rounded once. ``overrides(name)``
     may replace a copied tensor (an adapter's carried ``modules_to_save``); everything else is the
-    template's, bit-for-bit.
+    template's, bit-for-bit. Under torchrun each rank writes the shards it owns
+    (:class:`~nexttools.writer.ShardedWriter`), and rank 0 writes the index and the config once all
+    of them have finished.
     """
     specs = {spec.name: spec for spec in plan.specs}
-    with ShardedWriter(folder, max_shard_size, plan.specs) as writer, progress() as bar:
-        task = bar.add_task("writing tensors", total=len(writer.names))
-        for name in writer.names:
-            dtype = specs[name].dtype
-            if name in plan.computed:
-                blocks = compute(name).blocks(COPY_BLOCK_BYTES)
-                writer.add_pieces(name, (_rounded(name, block, dtype) for block in blocks))
+    with together(ranks), ShardedWriter(folder, max_shard_size, plan.specs, ranks) as writer:
+        with progress() as bar:
+            task = bar.add_task("writing tensors", total=len(writer.names))
+            for name in writer.names:
+                _add_tensor(writer, plan, name, specs[name].dtype, compute, overrides)
                 bar.advance(task)
-                continue
-            override = overrides(name)
-            if override is None:  # copied in blocks: a 1 GB embedding never sits in memory whole
-                copied = plan.template.blocks(plan.source_name[name], COPY_BLOCK_BYTES)
-                writer.add_pieces(name, (block.to(dtype) for block in copied))
-                bar.advance(task)
-                continue
-            writer.add(name, override.to(dtype))
-            bar.advance(task)
         writer.finish()
-    (folder / CONFIG_NAME).write_text(plan.config_text)
+    if ranks.writer:
+        writer.write_index()
+        (folder / CONFIG_NAME).write_text(plan.config_text)
+
+
+def _add_tensor(
+    writer: ShardedWriter,
+    plan: ModelPlan,
+    name: str,
+    dtype: torch.dtype,
+    compute: Callable[[str], ModuleUpdate],
+    overrides: Callable[[str], torch.Tensor | None],
+) -> None:
+    """Hand tensor ``name`` of ``plan`` to ``writer``: computed, overridden or copied (see write_model)."""
+    if name in plan.computed:
+        blocks = compute(name).blocks(COPY_BLOCK_BYTES)
+        writer.add_pieces(name, (_rounded(name, block, dtype) for block in blocks))
+        return
+    override = overrides(name)
+    if override is None:  # copied in blocks: a 1 GB embedding never sits in memory whole
+        copied = plan.template.blocks(plan.source_name[name], COPY_BLOCK_BYTES)
+        writer.add_pieces(name, (block.to(dtype) for block in copied))
+        return
+    writer.add(name, override.to(dtype))
 
 
 def _rounded(name: str, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
