@@ -17,6 +17,8 @@ from nexttools.predictor import (
     train_nets,
     training_batches,
 )
+from nexttools.predictor.network import FINAL_LR_FRACTION, WEIGHT_DECAY, TrajectoryNet
+from nexttools.threads import single_threaded_kernels
 from tests.test_methods import curved_deltas, linear_deltas, module_names, trajectory_from_deltas
 
 STEPS_FROM_ZERO = tuple(range(0, 151, 10))  # a fresh adapter saved at step 0: a zero first row
@@ -78,6 +80,47 @@ def test_training_samples_skip_zero_deltas_and_untouched_modules() -> None:
                 torch.testing.assert_close(tensor.norm(dim=1), torch.full((tensor.shape[0],), math.sqrt(dim)))
     assert all(torch.isfinite(t).all() for t in (batches["sigma"].global_, batches["sigma"].local))
     assert scale.target.std > 0
+
+
+def test_networks_trained_in_parallel_equal_one_optimiser_over_all_of_them() -> None:
+    """train_nets trains each network alone, on worker threads; that is one AdamW over the sum of the
+    losses (Adam's steps are per parameter), whatever the number of threads."""
+    deltas = curved_deltas()
+    trajectory = trajectory_from_deltas(module_names(1), deltas, tuple(range(10, 151, 10)), 5)
+    batches, _ = training_batches(trajectory, np.arange(trajectory.target_rows))
+    architecture = Architecture(width=16, depth=2)
+
+    def fresh() -> dict[str, TrajectoryNet]:
+        return {key: build_net(key, b.target.shape[1], architecture, seed=0) for key, b in batches.items()}
+
+    def trained(threads: int) -> dict[str, TrajectoryNet]:
+        nets, before = fresh(), torch.get_num_threads()
+        torch.set_num_threads(threads)  # cpu_workers: this many worker threads
+        try:
+            train_nets(nets, batches, epochs=30, lr=3e-3, device=torch.device("cpu"))
+        finally:
+            torch.set_num_threads(before)
+        return nets
+
+    parallel, alone, joint = trained(3), trained(1), fresh()
+    assert len(parallel) > 2
+    params = [p for net in joint.values() for p in net.parameters()]
+    optimiser = torch.optim.AdamW(params, lr=3e-3, weight_decay=WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, 30, eta_min=FINAL_LR_FRACTION * 3e-3)
+    with single_threaded_kernels():
+        for _ in range(30):
+            optimiser.zero_grad()
+            l1 = torch.nn.functional.l1_loss
+            losses = [l1(joint[k](b.global_, b.local), b.target) for k, b in batches.items()]
+            torch.stack(losses).sum().backward()
+            optimiser.step()
+            schedule.step()
+    for key in batches:
+        for mine, reference in zip(parallel[key].parameters(), joint[key].parameters(), strict=True):
+            torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+    for key in batches:  # one worker thread or several: the same bits
+        for mine, reference in zip(alone[key].parameters(), parallel[key].parameters(), strict=True):
+            assert torch.equal(mine, reference)
 
 
 def test_training_lowers_the_l1_loss_and_predict_gives_unit_vectors() -> None:

@@ -22,6 +22,8 @@ from nexttools.frobenius import inner, squared_norm
 from nexttools.lowrank import LowRankFactors
 from nexttools.methods.linear_rank1 import linear_rank1
 from nexttools.predictor.saved import load_predictor
+from nexttools.run import OpenedRun
+from nexttools.skill import full_space_backtest
 from nexttools.store import open_store
 from nexttools.store.trajectory import Trajectory, module_kind
 
@@ -145,3 +147,24 @@ def test_without_the_run_files_fit_falls_back_to_the_rank1_figures(
     assert "full-space back-test was skipped" in capsys.readouterr().err
     assert result.backtest.methods["next"] is not None and "overall cosine" in result.backtest.summary
     assert not math.isnan(result.backtest.methods["next"].cosine["overall"])
+
+
+def test_modules_on_worker_threads_give_the_same_bits(demo_run: DemoRun, tmp_path: Path) -> None:
+    """A LoRA run's modules are scored on one worker thread per core; the sums stay in module order,
+    so the scores do not depend on the number of threads."""
+    extract(ExtractOptions(run=demo_run.run, base=str(demo_run.base), workdir=tmp_path, k=K, device="cpu"))
+    fit(FitOptions(workdir=tmp_path, epochs=5, width=8, device="cpu", refit=False))
+    with open_store(tmp_path / "trajectory.h5") as store:
+        predictor = load_predictor(tmp_path, store)
+        run = OpenedRun(store)
+        rows = [run.rows - K - 2, run.rows - K - 1]
+        scores = {}
+        before = torch.get_num_threads()
+        for threads in (1, 3):
+            torch.set_num_threads(threads)  # cpu_workers: this many worker threads
+            try:
+                scores[threads] = full_space_backtest(run, rows, predictor, ALPHA)
+            finally:
+                torch.set_num_threads(before)
+    assert scores[1] == scores[3]
+    assert all(score is not None for score in scores[1][0].values())

@@ -21,6 +21,7 @@ from nexttools.predictor.network import (
 from nexttools.predictor.samples import Batch, training_batches
 from nexttools.predictor.trained import TrainedPredictor
 from nexttools.store.trajectory import Trajectory
+from nexttools.threads import cpu_workers, in_order, single_threaded_kernels
 
 
 def train_nets(
@@ -30,42 +31,58 @@ def train_nets(
     epochs: int,
     lr: float,
     device: torch.device,
-    on_epoch: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[str, float], None] | None = None,
 ) -> dict[str, float]:
     """Train every network full-batch on its samples with the L1 loss; returns each one's final loss.
 
-    One AdamW over all networks, minimising the sum of their mean L1 losses: the networks share no
-    parameter, and Adam's steps do not depend on a gradient's scale, so this is the same as training
-    each one alone, in one loop (one progress bar). ``on_epoch(epoch, mean loss)`` is called after
-    every step. The networks are moved to ``device`` and left there in eval mode.
+    Each network has its own AdamW and cosine schedule. The networks share no parameter and Adam's
+    steps are per parameter, so this is what one optimiser over the sum of their losses would do;
+    but separate, the networks train in parallel: on CPU one per worker thread, each with
+    single-threaded kernels (:mod:`nexttools.threads`), the largest first. Why not torch's intra-op
+    threads: an epoch is hundreds of small kernels, and on a machine shared with another job every
+    one of them waited for the OpenMP thread the neighbour had displaced (``fit`` took 2.8× its idle
+    time beside one busy process; see the README's "Benchmarks"). ``on_epoch(key, loss)`` is called
+    after every step of network ``key`` (from its worker thread). The networks are moved to
+    ``device`` and left there in eval mode.
     """
-    for net in nets.values():
-        net.to(device).train()
-    data = {
-        key: Batch(b.global_.to(device), b.local.to(device), b.target.to(device))
-        for key, b in batches.items()
-    }
-    params = [p for net in nets.values() for p in net.parameters()]
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    largest_first = sorted(nets, key=lambda key: -sum(p.numel() for p in nets[key].parameters()))
+
+    def train(key: str) -> float:
+        net, batch = nets[key], batches[key]
+        return _train_one(key, net, batch, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch)
+
+    workers = cpu_workers(device)  # read before the kernels go single-threaded
+    with single_threaded_kernels():
+        losses = dict(zip(largest_first, in_order(train, largest_first, workers), strict=True))
+    return {key: losses[key] for key in nets}
+
+
+def _train_one(
+    key: str,
+    net: TrajectoryNet,
+    batch: Batch,
+    *,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    on_epoch: Callable[[str, float], None] | None,
+) -> float:
+    """:func:`train_nets` for one network ``key``; returns its final loss (in eval mode)."""
+    net.to(device).train()
+    global_, local, target = batch.global_.to(device), batch.local.to(device), batch.target.to(device)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs, eta_min=FINAL_LR_FRACTION * lr)
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         optimiser.zero_grad(set_to_none=True)
-        losses = [
-            nn.functional.l1_loss(nets[key](batch.global_, batch.local), batch.target)
-            for key, batch in data.items()
-        ]
-        torch.stack(losses).sum().backward()
+        loss = nn.functional.l1_loss(net(global_, local), target)
+        loss.backward()
         optimiser.step()
         schedule.step()
         if on_epoch is not None:
-            on_epoch(epoch, float(torch.stack(losses).detach().mean()))
+            on_epoch(key, float(loss.detach()))
+    net.eval()
     with torch.no_grad():
-        for net in nets.values():
-            net.eval()
-        return {
-            key: float(nn.functional.l1_loss(nets[key](batch.global_, batch.local), batch.target))
-            for key, batch in data.items()
-        }
+        return float(nn.functional.l1_loss(net(global_, local), target))
 
 
 @contextlib.contextmanager
@@ -94,14 +111,13 @@ def train_predictor(
     batches, scale = training_batches(trajectory, rows)
     dims = {key: batch.target.shape[1] for key, batch in batches.items()}
     nets = {key: build_net(key, dim, architecture, seed) for key, dim in dims.items()}
+    latest: dict[str, float] = {}
     with _deterministic(), progress(TextColumn("loss {task.fields[loss]:.4g}")) as bar:
-        task = bar.add_task(label, total=epochs, loss=float("nan"))
-        losses = train_nets(
-            nets,
-            batches,
-            epochs=epochs,
-            lr=lr,
-            device=device,
-            on_epoch=lambda _epoch, loss: bar.update(task, advance=1, loss=loss),
-        )
+        task = bar.add_task(label, total=epochs * len(nets), loss=float("nan"))
+
+        def on_epoch(key: str, loss: float) -> None:  # the mean of every network's latest loss
+            latest[key] = loss
+            bar.update(task, advance=1, loss=sum(latest.values()) / len(latest))
+
+        losses = train_nets(nets, batches, epochs=epochs, lr=lr, device=device, on_epoch=on_epoch)
     return TrainedPredictor(nets=nets, sigma_scale=scale, architecture=architecture), losses
