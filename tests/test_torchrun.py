@@ -24,6 +24,7 @@ from nexttools.store import partial_path, store_lock
 from tests.test_extract import write_full_weight_run
 
 NEXTTOOLS = Path(sys.executable).parent / "nexttools"
+pytestmark = pytest.mark.torchrun
 
 
 def torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess[str]:
