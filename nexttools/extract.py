@@ -239,7 +239,12 @@ def _update_store(
             writer = StoreWriter(store, layout)
     try:
         with progress() as bar, single_threaded_kernels():
-            task = bar.add_task("extract", total=len(layout.modules))
+            # Counted in checkpoints, what the user knows their run by: each module read is that
+            # share of every checkpoint read (modules are the unit of work, checkpoints the unit of size).
+            read = len(steps_read)
+            label = f"reading {read} checkpoint{'s' if read != 1 else ''}" if read else "extract"
+            task = bar.add_task(label, total=read or len(layout.modules))
+            modules = len(layout.modules)
             results = module_results(
                 one_module,
                 layout.shapes,
@@ -258,7 +263,7 @@ def _update_store(
                     grams.append(gram)
                 if energy is not None and not math.isnan(energy):  # NaN: zero delta, no ratio
                     energies.append(energy)
-                bar.advance(task)
+                bar.update(task, completed=(j + 1) * read / modules if read else j + 1)  # exact at the end
         with together(ranks):  # the others exit 2 too if the store cannot be committed
             if writer is not None:
                 writer.commit()

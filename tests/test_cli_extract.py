@@ -37,6 +37,7 @@ def test_summary_json_and_table(short_run: DemoRun, tmp_path: Path, capsys, monk
         monkeypatch,
     )
     assert code == 0, err
+    assert "reading 8 checkpoints" in err and "8/8" in err  # progress counts checkpoints, not modules
     summary = json.loads(out)
     assert summary["checkpoints"] == 8 and summary["steps"] == list(short_run.steps)
     assert summary["modules"] == 14 and summary["ranks"] == [8] and summary["scaling_rule"] == "alpha/r"
@@ -51,7 +52,7 @@ def test_summary_json_and_table(short_run: DemoRun, tmp_path: Path, capsys, monk
     code, out, err = invoke(
         ["extract", str(short_run.run), "--workdir", str(workdir), "--k", "3"], capsys, monkeypatch
     )
-    assert code == 0 and out == ""
+    assert code == 0 and out == "" and "reading 1 checkpoint " in err  # only the last, for its energy
     for label in ("checkpoints", "modules", "rank", "scaling rule", "σ1/Σσᵢ", "up to date"):
         assert label in err, label
 
