@@ -104,9 +104,11 @@ class Ranks:
         mine = list(text.encode()) if self.writer else []
         length = torch.tensor([len(mine)], dtype=torch.int64, device=self._wire)
         dist.broadcast(length, src=0)
-        buffer = torch.zeros(int(length), dtype=torch.uint8)
-        if self.writer:
-            buffer = torch.tensor(mine, dtype=torch.uint8)
+        buffer = (
+            torch.tensor(mine, dtype=torch.uint8)
+            if self.writer
+            else torch.zeros(int(length), dtype=torch.uint8)
+        )
         buffer = buffer.to(self._wire)
         dist.broadcast(buffer, src=0)
         return bytes(buffer.cpu().tolist()).decode()
@@ -153,7 +155,11 @@ def joined(device: torch.device) -> Iterator[Ranks]:
         if device.index is None:
             device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_TIMEOUT)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=_TIMEOUT)
+    except (RuntimeError, ValueError) as error:  # no rendezvous, a port taken, NCCL missing...
+        raise UserError(f"rank {rank} cannot join the torchrun group ({backend}): {error}") from None
     try:
         yield Ranks(rank, world, device)
     finally:

@@ -168,3 +168,20 @@ def test_a_jump_that_overflows_while_ranks_write_is_one_line_and_no_output(
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "non-finite values in torch.float16" in errors[0], done.stderr
     assert not out.exists() and not _strays(tmp_path)
+
+
+def test_a_rank_that_cannot_join_is_one_line(short_run: DemoRun, tmp_path: Path) -> None:
+    """torchrun's variables without its rendezvous (no MASTER_ADDR): one line, exit 2, nothing made."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MASTER_")}
+    env |= {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    work = tmp_path / "work"
+    done = subprocess.run(
+        [str(NEXTTOOLS), "extract", str(short_run.run), "--workdir", str(work)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: rank 1 cannot join the torchrun group (gloo)"), done.stderr
+    assert done.stderr.count("\n") == 1 and not work.exists()
