@@ -56,9 +56,7 @@ class LoraSource:
             raise UserError(f"{last.ref.path}: the adapter holds no LoRA module")
         spec = base_spec or last.base_model_name_or_path
         if not spec:
-            raise UserError(
-                f"{last.ref.path / 'adapter_config.json'} names no base_model_name_or_path; pass --base"
-            )
+            raise UserError(f"{last.config_path} names no base_model_name_or_path; pass --base")
         self.base_model = recorded_base(spec)
         base = ModelWeights(resolve_base(spec))
         for adapter in self.adapters:

@@ -10,20 +10,17 @@ folders, and never unpickle the optimizer or ``data.pt`` files (planted with a p
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from examples.demo_run import save_lora_checkpoint, save_tiny_llama
-from nexttools.store import KINDS, open_store
+from nexttools.store import open_store
 from tests.cli_helpers import assert_one_line_error, invoke
+from tests.fsdp_helpers import WORLD, Planted, assert_extracts_like_peft, free_port, join_gloo
 
 STEPS = (10, 20, 30)
-WORLD = 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -34,43 +31,42 @@ def _lora_config() -> object:
     return LoraConfig(r=3, lora_alpha=12, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
-class Planted:
-    """A pickle that creates ``marker`` if anything ever unpickles it without ``weights_only``."""
+def _write_shards(rank: int, base: str, peft_root: str, verl_root: str, variant: str, port: int) -> None:
+    """One FSDP rank: for every step, load the PEFT adapter, shard the model and save its state dict.
 
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (Path.touch, (Path(self.marker),))
-
-
-def _write_shards(rank: int, base: str, peft_root: str, verl_root: str, version: int, port: int) -> None:
-    """One FSDP rank: for every step, load the PEFT adapter, shard the model and save its state dict."""
+    ``variant``: ``fsdp1``; ``fsdp2``; ``hsdp`` (FSDP2 on a (replicate 2, shard 1) mesh, placements
+    ``(Replicate(), Shard(0))``); ``lora-only`` (FSDP2, only the LoRA keys, as
+    ``checkpoint.save_lora_only`` keeps them).
+    """
     import torch.distributed as dist
     from peft import PeftModel
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    mesh = init_device_mesh("cpu", (WORLD,))
+    join_gloo(rank, port)
+    if variant == "hsdp":  # verl's HSDP mesh names
+        mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("ddp", "fsdp"))
+    else:
+        mesh = init_device_mesh("cpu", (WORLD,))
     try:
         for step in STEPS:
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
             model = PeftModel.from_pretrained(model, f"{peft_root}/checkpoint-{step}")
-            if version == 2:
+            if variant == "fsdp1":
+                from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+                wrapped = FullyShardedDataParallel(model, device_mesh=mesh, use_orig_params=True)
+                with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT):
+                    state = wrapped.state_dict()
+            else:
                 from torch.distributed.fsdp import fully_shard
 
                 for layer in model.base_model.model.model.layers:
                     fully_shard(layer, mesh=mesh)
                 fully_shard(model, mesh=mesh)
                 state = model.state_dict()
-            else:
-                from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
-
-                wrapped = FullyShardedDataParallel(model, device_mesh=mesh, use_orig_params=True)
-                with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT):
-                    state = wrapped.state_dict()
+            if variant == "lora-only":
+                state = {key: value for key, value in state.items() if "lora_" in key}
             actor = Path(verl_root) / f"global_step_{step}" / "actor"
             actor.mkdir(parents=True, exist_ok=True)
             torch.save(state, actor / f"model_world_size_{WORLD}_rank_{rank}.pt")
@@ -79,14 +75,8 @@ def _write_shards(rank: int, base: str, peft_root: str, verl_root: str, version:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _verl_run(tmp_path: Path, version: int) -> tuple[Path, Path, Path, Path]:
-    """(base, PEFT run, verl run, marker) for FSDP ``version``."""
+def _verl_run(tmp_path: Path, variant: str) -> tuple[Path, Path, Path, Path]:
+    """(base, PEFT run, verl run, marker) for the FSDP ``variant`` (:func:`_write_shards`)."""
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
@@ -96,12 +86,14 @@ def _verl_run(tmp_path: Path, version: int) -> tuple[Path, Path, Path, Path]:
     for step in STEPS:
         save_lora_checkpoint(model, _lora_config(), step, peft_root / f"checkpoint-{step}", seed=1)
     mp.spawn(
-        _write_shards, args=(str(base), str(peft_root), str(verl_root), version, _free_port()), nprocs=WORLD
+        _write_shards, args=(str(base), str(peft_root), str(verl_root), variant, free_port()), nprocs=WORLD
     )
     marker = tmp_path / "unpickled"
     for step in STEPS:
         actor = verl_root / f"global_step_{step}" / "actor"
-        (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": version, "world_size": WORLD}))
+        (actor / "fsdp_config.json").write_text(
+            json.dumps({"FSDP_version": 1 if variant == "fsdp1" else 2, "world_size": WORLD})
+        )
         (actor / "lora_train_meta.json").write_text(
             json.dumps({"r": 3, "lora_alpha": 12, "task_type": "CAUSAL_LM"})
         )
@@ -125,51 +117,34 @@ FSDP1_ON_CPU = (
 
 
 @pytest.mark.parametrize(
-    "version", [2, pytest.param(1, marks=pytest.mark.skip(reason=FSDP1_ON_CPU))], ids=["fsdp2", "fsdp1"]
+    "variant",
+    ["fsdp2", "hsdp", "lora-only", pytest.param("fsdp1", marks=pytest.mark.skip(reason=FSDP1_ON_CPU))],
 )
 def test_verl_fsdp_shards_give_the_same_store_as_peft_folders(
-    tmp_path: Path, capsys, monkeypatch, version: int
+    tmp_path: Path, capsys, monkeypatch, variant: str
 ) -> None:
-    base, peft_root, verl_root, marker = _verl_run(tmp_path, version)
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    base, peft_root, verl_root, marker = _verl_run(tmp_path, variant)
     shard = torch.load(
         verl_root / f"global_step_{STEPS[0]}" / "actor" / "model_world_size_2_rank_0.pt",
         weights_only=True,
         mmap=True,
     )
-    assert any("base_layer" in key for key in shard)  # full shards: the base weights are inside
-    for root, workdir in ((peft_root, tmp_path / "w-peft"), (verl_root, tmp_path / "w-verl")):
-        args = [
-            "extract",
-            str(root),
-            "--base",
-            str(base),
-            "--workdir",
-            str(workdir),
-            "--k",
-            "2",
-            "--device",
-            "cpu",
-        ]
-        code, _, err = invoke(args, capsys, monkeypatch)
-        assert code == 0, err
+    # full shards hold the base weights too; save_lora_only shards only the LoRA tensors
+    assert any("base_layer" in key for key in shard) == (variant != "lora-only")
+    lora_a = next(value for key, value in shard.items() if "lora_A" in key)
+    assert isinstance(lora_a, DTensor)
+    assert lora_a.placements == ((Replicate(), Shard(0)) if variant == "hsdp" else (Shard(0),))
+    workdirs = assert_extracts_like_peft(peft_root, verl_root, base, tmp_path, capsys, monkeypatch)
     assert not marker.exists()
-    with (
-        open_store(tmp_path / "w-peft" / "trajectory.h5") as peft,
-        open_store(tmp_path / "w-verl" / "trajectory.h5") as verl,
-    ):
-        assert list(verl.steps) == list(STEPS) and verl.modules == peft.modules
-        assert list(verl.ranks) == [3] * len(verl.modules)
-        for kind in KINDS:
-            a, b = peft.read(kind), verl.read(kind)
-            for name in ("sigma", "u", "v"):
-                np.testing.assert_allclose(
-                    getattr(b, name), getattr(a, name), rtol=0, atol=1e-6, err_msg=f"{kind}/{name}"
-                )
+    with open_store(workdirs[1] / "trajectory.h5") as store:
+        assert list(store.steps) == list(STEPS) and list(store.ranks) == [3] * len(store.modules)
     # and the jump written from the shards is the jump written from the PEFT folders
     from nexttools.checkpoints.weights import ModelWeights
 
     outputs = []
-    for workdir in (tmp_path / "w-peft", tmp_path / "w-verl"):
+    for workdir in workdirs:
         out = workdir / "out"
         common = ["--workdir", str(workdir), "--out", str(out), "--method", "last-interval", "--alpha", "1"]
         code, _, err = invoke(["extrapolate", *common, "--device", "cpu"], capsys, monkeypatch)
@@ -181,7 +156,7 @@ def test_verl_fsdp_shards_give_the_same_store_as_peft_folders(
 
 
 def test_damaged_verl_checkpoints_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
-    base, _, verl_root, _ = _verl_run(tmp_path, 2)
+    base, _, verl_root, _ = _verl_run(tmp_path, "fsdp2")
     args = [
         "extract",
         str(verl_root),

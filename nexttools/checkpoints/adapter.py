@@ -18,7 +18,7 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,22 +30,11 @@ from nexttools.checkpoints.adapter_config import (
 )
 from nexttools.checkpoints.discover import CheckpointRef
 from nexttools.checkpoints.factors import LowRankFactors
-from nexttools.checkpoints.verl_fsdp import LORA_META, VerlShards, is_verl_fsdp
-from nexttools.checkpoints.verl_fsdp import lora_config as verl_lora_config
+from nexttools.checkpoints.keys import normalise_key
+from nexttools.checkpoints.sharded import open_sharded
 from nexttools.checkpoints.weights import ModelWeights, SafetensorsHeader, read_safetensors_header
 from nexttools.console import warn
 from nexttools.errors import UserError
-
-_PEFT_PREFIX = "base_model.model."
-# Key segments after which PEFT (in memory, and verl's raw shards) puts the adapter name.
-_ADAPTER_NAME_OWNERS = {
-    "lora_A",
-    "lora_B",
-    "lora_embedding_A",
-    "lora_embedding_B",
-    "lora_magnitude_vector",
-    "modules_to_save",
-}
 
 
 @dataclass(frozen=True)
@@ -72,17 +61,24 @@ class LoraModule:
         return self.key_a.endswith("lora_embedding_A")
 
 
-class _TensorFile:
-    """The adapter's tensors: names, shapes and dtypes up front, values one at a time."""
+class TensorSource(Protocol):
+    """An adapter's tensors: shapes up front (by file key), values one at a time."""
 
-    def __init__(self, path: Path, shards: VerlShards | None = None) -> None:
+    shapes: dict[str, tuple[int, ...]]
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as stored (dtype included)."""
+        ...
+
+
+class _TensorFile:
+    """A PEFT weight file's tensors: names, shapes and dtypes up front, values one at a time."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._header: SafetensorsHeader | None = None
         self._tensors: dict[str, torch.Tensor] | None = None
-        self._shards = shards
-        if shards is not None:  # verl's FSDP shards, assembled one tensor at a time
-            self.shapes = dict(shards.shapes)
-        elif path.suffix == ".safetensors":
+        if path.suffix == ".safetensors":
             self._header = read_safetensors_header(path)
             self.shapes = {key: info.shape for key, info in self._header.tensors.items()}
         else:
@@ -93,8 +89,6 @@ class _TensorFile:
         """Tensor ``key`` as stored; from safetensors in a new buffer (see :mod:`.weights` for why)."""
         if self._tensors is not None:
             return self._tensors[key]
-        if self._shards is not None:
-            return self._shards.get(key)
         assert self._header is not None  # one of the two is set in __init__
         return self._header.read(key)
 
@@ -128,16 +122,18 @@ class AdapterCheckpoint:
             tensor then replaces the base weight and the LoRA delta applies on top of it.
         scaling_rule: ``"alpha/r"`` or ``"alpha/sqrt(r)"`` (rsLoRA).
         base_model_name_or_path: the base recorded by the trainer, or None.
-        files: the adapter's weight file and ``adapter_config.json`` (what :func:`fingerprint` covers).
+        files: the files :func:`fingerprint` covers (the weight file and ``adapter_config.json``, or a
+            sharded checkpoint's files), the config file last.
     """
 
     def __init__(
         self,
         ref: CheckpointRef,
         config: dict[str, Any],
-        tensors: _TensorFile,
+        tensors: TensorSource,
         modules: dict[str, LoraModule],
         carried: dict[str, str],
+        files: list[Path],
     ) -> None:
         self.ref = ref
         self.config = config
@@ -147,7 +143,12 @@ class AdapterCheckpoint:
         self.scaling_rule = "alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r"
         base = config.get("base_model_name_or_path")
         self.base_model_name_or_path: str | None = base if isinstance(base, str) and base else None
-        self.files = [tensors.path, ref.path / CONFIG_FILE]
+        self.files = files
+
+    @property
+    def config_path(self) -> Path:
+        """The file ``config`` was read from (``adapter_config.json``, or a sharded format's own)."""
+        return self.files[-1]
 
     def factors(self, name: str) -> LowRankFactors:
         """ΔW of module ``name`` as float32 factors in the base weight's orientation (:func:`lora_delta`)."""
@@ -224,8 +225,11 @@ def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:
     """
     if ref.kind != "lora":
         raise ValueError(f"open_adapter needs a LoRA checkpoint, got kind={ref.kind!r} for {ref.path}")
-    if is_verl_fsdp(ref.path):
-        return _open_verl_fsdp(ref)
+    sharded = open_sharded(ref.path)
+    if sharded is not None:
+        refuse_unsupported(sharded.config_path, sharded.config)
+        modules, carried = _map_keys(sharded.files[0], sharded.shapes, sharded.config)
+        return AdapterCheckpoint(ref, sharded.config, sharded, modules, carried, sharded.files)
     config_path = ref.path / CONFIG_FILE
     config = read_config(config_path)
     refuse_unsupported(config_path, config)
@@ -241,37 +245,7 @@ def open_adapter(ref: CheckpointRef) -> AdapterCheckpoint:
         raise UserError(f"{ref.path}: no adapter_model.safetensors or adapter_model.bin")
     tensors = _TensorFile(weights_path)
     modules, carried = _map_keys(weights_path, tensors.shapes, config)
-    return AdapterCheckpoint(ref, config, tensors, modules, carried)
-
-
-def _open_verl_fsdp(ref: CheckpointRef) -> AdapterCheckpoint:
-    """A verl FSDP-engine ``actor/`` folder as an adapter: the LoRA tensors reassembled from the shards,
-    r and alpha from ``lora_train_meta.json`` (:mod:`nexttools.checkpoints.verl_fsdp`)."""
-    shards = VerlShards(ref.path)
-    paths = sorted({normalise_key(key)[: normalise_key(key).rfind(".lora_")] for key in shards.shapes})
-    config = verl_lora_config(ref.path, paths)
-    refuse_unsupported(ref.path / LORA_META, config)
-    tensor_file = _TensorFile(shards.files[0], shards)
-    modules, carried = _map_keys(shards.files[0], tensor_file.shapes, config)
-    checkpoint = AdapterCheckpoint(ref, config, tensor_file, modules, carried)
-    checkpoint.files = shards.files
-    return checkpoint
-
-
-def normalise_key(key: str) -> str:
-    """An adapter file key in base-model terms: no ``base_model.model.`` prefix, no adapter name segment.
-
-    ``base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight`` ->
-    ``model.layers.0.mlp.up_proj.lora_A.weight`` (the ``.default`` segment only appears in raw
-    shards such as verl's; PEFT's own files drop it).
-    """
-    parts = key.removeprefix(_PEFT_PREFIX).split(".")
-    kept = [
-        part
-        for index, part in enumerate(parts)
-        if not (part == "default" and index > 0 and parts[index - 1] in _ADAPTER_NAME_OWNERS)
-    ]
-    return ".".join(kept)
+    return AdapterCheckpoint(ref, config, tensors, modules, carried, [weights_path, config_path])
 
 
 def _map_keys(

@@ -5,8 +5,8 @@ one :class:`Layout` per layout: how its checkpoint folders are named, how a fold
 :class:`CheckpointRef` (where the weights are, LoRA or full, the step) and what it skips. Discovery,
 the "looked for" message and the README's layout table all come from it; adding a layout is one entry
 plus a fixture test (``docs/extending.md``). This module only looks at names and small JSON files:
-reading and validating the weights is :mod:`nexttools.checkpoints.adapter`, ``.verl_fsdp`` and
-``.weights``.
+reading and validating the weights is :mod:`nexttools.checkpoints.adapter`, ``.verl_fsdp``,
+``.dcp`` and ``.weights``.
 
 Two more rules apply before the registry: a run folder that holds exactly one run folder of ms-swift
 (``vN-YYYYMMDD-HHMMSS/``) or prime-rl (``broadcasts/``) is descended into; and the run folder itself
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from nexttools.checkpoints.dcp import DCP_FOLDER, is_dcp
 from nexttools.checkpoints.verl_fsdp import LORA_META, is_verl_fsdp
 from nexttools.checkpoints.weights import has_model_weights
 from nexttools.console import warn
@@ -154,7 +155,8 @@ def _descend(run: Path) -> Path:
 
 
 def _trl_checkpoint(folder: Path, number: int, skipped: list[str]) -> CheckpointRef | None:
-    """``checkpoint-N/``: HF-Trainer style, or LLaMA-Factory v1 when it has a ``model/`` sub-folder."""
+    """``checkpoint-N/``: HF-Trainer style (a PEFT folder, or accelerate's FSDP sharded
+    ``pytorch_model_fsdp_0/``), or LLaMA-Factory v1 when it has a ``model/`` sub-folder."""
     model = folder / "model"
     if model.is_dir() and (weights_kind(model) is not None or (folder / "metadata.json").is_file()):
         if not (folder / "CHECKPOINT_COMPLETE").is_file():
@@ -162,12 +164,9 @@ def _trl_checkpoint(folder: Path, number: int, skipped: list[str]) -> Checkpoint
             return None
         step = _json_step(folder / "metadata.json", number)
         return _ref(model, step, "llamafactory-v1", skipped)
-    if weights_kind(folder) is None and (folder / "pytorch_model_fsdp_0").is_dir():
-        raise UserError(
-            f"{folder}: the adapter exists only as an FSDP sharded state dict (pytorch_model_fsdp_0/); "
-            "train with fsdp_state_dict_type FULL_STATE_DICT so that checkpoints hold "
-            "adapter_model.safetensors"
-        )
+    if weights_kind(folder) is None and is_dcp(folder / DCP_FOLDER):
+        step = _json_step(folder / "trainer_state.json", number)
+        return CheckpointRef(step=step, path=folder / DCP_FOLDER, kind="lora", layout="accelerate-fsdp")
     return _ref(folder, _json_step(folder / "trainer_state.json", number), "trl", skipped)
 
 
@@ -252,8 +251,10 @@ LAYOUTS: tuple[Layout, ...] = (
         "TRL, HF Trainer, Unsloth, axolotl, LLaMA-Factory, ROLL, ms-swift "
         "(its `vN-<date>/` run folder is descended into)",
         "`checkpoint-N/` with `adapter_model.safetensors` (or `.bin`) and `adapter_config.json`, or full "
-        "weights; `ref/`, DeepSpeed `global_stepN/` and `pissa_init/` are skipped; LLaMA-Factory v1's "
-        "`checkpoint-N/model/` only with its `CHECKPOINT_COMPLETE` marker",
+        "weights; FSDP `SHARDED_STATE_DICT`'s torch DCP `pytorch_model_fsdp_0/` (r and alpha from an "
+        "`adapter_config.json` in `checkpoint-N/` or the run folder); `ref/`, DeepSpeed `global_stepN/` "
+        "and `pissa_init/` are skipped; LLaMA-Factory v1's `checkpoint-N/model/` only with its "
+        "`CHECKPOINT_COMPLETE` marker",
         "`trainer_state.json` `global_step` (v1: `metadata.json`), else N",
         re.compile(r"checkpoint-(?P<step>\d+)"),
         _trl_checkpoint,

@@ -21,18 +21,17 @@ Reading, safely and cheaply:
 from __future__ import annotations
 
 import pickle
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nexttools.checkpoints.jsonfile import read_json_object
+from nexttools.checkpoints.keys import LORA_KEY, lora_module_paths
 from nexttools.errors import UserError
 
 FSDP_CONFIG = "fsdp_config.json"
 LORA_META = "lora_train_meta.json"
-_LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)[.]")
 
 
 def is_verl_fsdp(folder: Path) -> bool:
@@ -132,7 +131,9 @@ class VerlShards:
 
     The rank files stay memory-mapped (``mmap=True``), so only the tensors asked for are ever paged
     in, one at a time: memory is one LoRA tensor, not the shards, nor the run's adapters.
-    ``files`` are what a fingerprint covers (the rank files and the two JSON files).
+    ``config`` is built from ``lora_train_meta.json`` (``config_path``); ``files`` are what a
+    fingerprint covers (the rank files and the two JSON files). A
+    :class:`nexttools.checkpoints.sharded.ShardedAdapter`.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -140,7 +141,7 @@ class VerlShards:
         rank_paths = rank_files(folder)
         self._files = rank_paths
         self._states = [_load(path) for path in rank_paths]
-        keys = [key for key in self._states[0] if _LORA_KEY.search(key)]
+        keys = [key for key in self._states[0] if LORA_KEY.search(key)]
         if not keys:
             raise UserError(
                 f"{rank_paths[0]}: holds no LoRA tensors (lora_A/lora_B): is this a full-weight run?"
@@ -150,7 +151,9 @@ class VerlShards:
             if missing:
                 raise UserError(f"{missing[0]}: has no {key}, which rank 0 holds")
         self.shapes = {key: tuple(self._states[0][key].shape) for key in keys}  # DTensor: the global shape
-        self.files = [*rank_paths, folder / FSDP_CONFIG, folder / LORA_META]
+        self.config_path = folder / LORA_META
+        self.config = lora_config(folder, lora_module_paths(keys))
+        self.files = [*rank_paths, folder / FSDP_CONFIG, self.config_path]
 
     def get(self, key: str) -> torch.Tensor:
         """Tensor ``key``, whole (float32 as stored), in a new buffer."""
