@@ -159,3 +159,14 @@ def test_damaged_accelerate_checkpoints_are_one_line(
     assert_one_line_error(code, err, ".metadata: not read (it refers to pathlib")
     assert not marker.exists()
     assert not workdir.exists() or not any(workdir.glob("*.h5"))
+
+
+def test_a_full_weight_dcp_is_refused_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    base = save_tiny_llama(tmp_path / "base")
+    checkpoint = tmp_path / "run" / "checkpoint-10"
+    state = {"model": {"model.layers.0.mlp.up_proj.weight": torch.zeros(128, 64)}}  # no LoRA tensor
+    dcp.save(state, checkpoint_id=checkpoint / "pytorch_model_fsdp_0", no_dist=True)
+    code, err = _extract(checkpoint.parent, base, tmp_path / "w", capsys, monkeypatch)
+    assert_one_line_error(code, err, "holds no LoRA tensors (lora_A/lora_B); a full-weight FSDP sharded")
