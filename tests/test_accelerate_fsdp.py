@@ -152,6 +152,15 @@ def test_damaged_accelerate_checkpoints_are_one_line(
     code, err = _extract(run, base, workdir, capsys, monkeypatch)
     assert_one_line_error(code, err, "__1_0.distcp: truncated")
 
+    # a metadata file whose chunk lies outside its tensor is refused before any read
+    shutil.copy(source / f"checkpoint-{STEPS[-1]}" / "pytorch_model_fsdp_0" / "__1_0.distcp", dcp)
+    metadata = pickle.loads((dcp / ".metadata").read_bytes())  # the test's own file: trusted here
+    entry = next(value for key, value in metadata.state_dict_metadata.items() if "lora_A" in key)
+    entry.chunks[-1].offsets = torch.Size([entry.size[0], 0])
+    (dcp / ".metadata").write_bytes(pickle.dumps(metadata))
+    code, err = _extract(run, base, workdir, capsys, monkeypatch)
+    assert_one_line_error(code, err, ".metadata: not a DCP metadata file of the filesystem writer")
+
     # a planted pickle in the DCP metadata itself is refused, never executed
     with (dcp / ".metadata").open("wb") as stream:
         pickle.dump({"state_dict_metadata": Planted(str(marker))}, stream)

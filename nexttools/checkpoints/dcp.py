@@ -83,8 +83,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(folder: Path) -> Any:
     """The ``Metadata`` of the DCP checkpoint in ``folder``, unpickled safely (module docstring)."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     path = folder / METADATA_FILE
     try:
         with path.open("rb") as stream:
@@ -93,9 +91,65 @@ def read_metadata(folder: Path) -> Any:
         raise UserError(f"{path}: not read ({error})") from None
     except (OSError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as error:
         raise UserError(f"{path}: not a readable DCP metadata file ({type(error).__name__})") from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+    if not _well_formed(metadata):
         raise UserError(f"{path}: not a DCP metadata file of the filesystem writer")
     return metadata
+
+
+def _counts(values: Any, length: int | None = None) -> bool:
+    """A tuple or list of non-negative ints (of ``length`` entries, when given)."""
+    return (
+        isinstance(values, tuple | list)
+        and (length is None or len(values) == length)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    )
+
+
+def _tensor_entry_ok(value: Any) -> bool:
+    """A ``TensorStorageMetadata`` whose size, dtype and chunks are well typed, each chunk inside."""
+    size = value.size
+    typed = isinstance(value.properties.dtype, torch.dtype) and isinstance(value.chunks, list)
+    if not (_counts(size) and typed):
+        return False
+    for chunk in value.chunks:
+        if not (_counts(chunk.offsets, len(size)) and _counts(chunk.sizes, len(size))):
+            return False
+        if any(o + n > whole for o, n, whole in zip(chunk.offsets, chunk.sizes, size, strict=True)):
+            return False
+    return True
+
+
+def _well_formed(metadata: Any) -> bool:
+    """Whether every field this reader uses has the type DCP's filesystem writer gives it (a damaged
+    or hostile file is refused here, in one line, not half-read)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorStorageMetadata,
+    )
+
+    try:
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+            return False
+        for key, value in metadata.state_dict_metadata.items():
+            tensor = isinstance(value, TensorStorageMetadata)
+            if not isinstance(key, str) or not (tensor or isinstance(value, BytesStorageMetadata)):
+                return False
+            if tensor and not _tensor_entry_ok(value):
+                return False
+        return isinstance(metadata.storage_data, dict) and all(
+            isinstance(index, MetadataIndex)
+            and isinstance(index.fqn, str)
+            and (index.offset is None or _counts(index.offset))
+            and isinstance(info, _StorageInfo)
+            and isinstance(info.relative_path, str)
+            and _counts((info.offset, info.length))
+            for index, info in metadata.storage_data.items()
+        )
+    except AttributeError:  # a hostile pickle can leave out any field
+        return False
 
 
 class DcpAdapter:
@@ -124,7 +178,9 @@ class DcpAdapter:
             tensors = {key: value for key, value in tensors.items() if LORA_KEY.search(key)}
         self._tensors = tensors
         self._storage = {
-            (index.fqn, tuple(index.offset)): info for index, info in metadata.storage_data.items()
+            (index.fqn, tuple(index.offset)): info
+            for index, info in metadata.storage_data.items()
+            if index.offset is not None  # byte items (not tensors) have none
         }
         self.shapes = {key: tuple(value.size) for key, value in tensors.items()}
         self.config_path = _find_config(folder)
@@ -136,7 +192,7 @@ class DcpAdapter:
         """Tensor ``key`` (a PEFT key), whole, as stored, in a new buffer."""
         meta = self._tensors[key]
         whole = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        covered = 0
+        covered = torch.zeros(tuple(meta.size), dtype=torch.bool)  # every element written exactly once
         for chunk in meta.chunks:
             info = self._storage.get((_KEY_PREFIX + key, tuple(chunk.offsets)))
             if info is None:
@@ -150,9 +206,11 @@ class DcpAdapter:
             region = tuple(
                 slice(start, start + size) for start, size in zip(chunk.offsets, chunk.sizes, strict=True)
             )
+            if bool(covered[region].any()):
+                raise UserError(f"{self.path / METADATA_FILE}: chunks of {key} overlap")
             whole[region] = piece
-            covered += piece.numel()
-        if covered != whole.numel():
+            covered[region] = True
+        if not bool(covered.all()):
             raise UserError(
                 f"{self.path / METADATA_FILE}: the chunks of {key} do not cover its shape {meta.size}"
             )
