@@ -75,7 +75,6 @@ class _TensorFile:
     """A PEFT weight file's tensors: names, shapes and dtypes up front, values one at a time."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self._header: SafetensorsHeader | None = None
         self._tensors: dict[str, torch.Tensor] | None = None
         if path.suffix == ".safetensors":

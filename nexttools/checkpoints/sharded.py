@@ -25,7 +25,6 @@ class ShardedAdapter(Protocol):
     fingerprint covers.
     """
 
-    path: Path
     shapes: dict[str, tuple[int, ...]]
     config: dict[str, Any]
     config_path: Path
