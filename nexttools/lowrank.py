@@ -105,13 +105,14 @@ class FactorWindow:
     ⟨ΔW_i, ΔW_j⟩ that ``consistency`` reads) involves two checkpoints at most k+1 apart, so the
     float64 work splits in two:
 
-    * :meth:`push` copies a checkpoint's factors once into a free slot of two float64 buffers,
-      ``(slots·r_max, rows)`` and ``(slots·r_max, cols)`` (transposed: one row block per slot), and
-      then runs one GEMM per side, ``X_newᵀ [X_held …]``: its self Gram and its cross Gram with every
-      held checkpoint. These are exactly the products of ``extract``'s floor, each pair once; one wide
-      GEMM in this layout was measured ~1.8× faster per flop than the same products one pair at a time
-      (28 vs 15 GFLOP/s on a (8960, 64) float64 factor, one core). A NaN or Inf anywhere in the
-      factors shows in the self Gram's diagonal, so checking finiteness costs nothing more.
+    * :meth:`push` copies a checkpoint's factors once into a slot (key mod slots when free) of two
+      float64 buffers, ``(slots·r_max, rows)`` and ``(slots·r_max, cols)`` (transposed: one row
+      block per slot), and then runs one GEMM per side, ``X_newᵀ [X_held …]``: its self Gram and its
+      cross Gram with every held checkpoint. These are exactly the products of ``extract``'s floor,
+      each pair once; one wide GEMM in this layout was measured ~1.8× faster per flop than the same
+      products one pair at a time (28 vs 15 GFLOP/s on a (8960, 64) float64 factor, one core). A NaN
+      or Inf anywhere in the factors shows in the self Gram's diagonal, so checking finiteness costs
+      nothing more.
     * :meth:`rank1` and :meth:`inner` then need only O(r³) work on those blocks and two GEMVs (the
       Gram route), or the QR fallback on the held float64 factors.
 
