@@ -107,11 +107,23 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), or the platform's word for it: the floor's GEMMs, and so
+    extract's ratio to them, differ between CPUs by several times."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def main() -> None:
     qwen_run()  # generate the data first, so that no timing includes it
     results = {
         "machine": {
             "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "platform": platform.platform(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
