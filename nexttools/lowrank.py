@@ -160,9 +160,9 @@ class FactorWindow:
             raise ValueError(f"the window's {self.slots} slots are full; drop a key first")
         # A key's own slot, key mod slots, whenever it is free (always, for keys held as a sliding
         # range): then a key's GEMM reads the same buffer rows, into the same output columns, whatever
-        # was pushed before it. MKL's result for an output column depends on where it falls in the
-        # kernel's blocking, so without this a store brought up to date differs from a fresh one
-        # in the last bits (measured: global v by 1.5e-8, Gram entries by 2e-17).
+        # was pushed before it. MKL's last bits depend on where operands and output columns sit
+        # (alignment, the kernel's blocking): with the first free slot instead, a store brought up
+        # to date differed from a fresh one (measured: global v by 1.5e-8, Gram entries by 2e-17).
         slot = key % self.slots if key % self.slots in free else free[0]
         rank = factors.rank
         rows = slice(slot * self.max_rank, slot * self.max_rank + rank)
