@@ -137,7 +137,6 @@ class VerlShards:
     """
 
     def __init__(self, folder: Path) -> None:
-        self.path = folder
         rank_paths = rank_files(folder)
         self._files = rank_paths
         self._states = [_load(path) for path in rank_paths]
