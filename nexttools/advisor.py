@@ -35,7 +35,7 @@ import numpy as np
 from nexttools.console import progress
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
-from nexttools.evaluation import ScoreCache, check_command, model_fingerprint, run_eval
+from nexttools.evaluation import DEFAULT_TIMEOUT, EvalCommand, ScoreCache, model_fingerprint, run_eval
 from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
 from nexttools.options import device_option, option, store_option, workdir_option
 from nexttools.outputs import OutputRequest, get_output
@@ -68,7 +68,16 @@ class BacktestOptions:
 
     eval_cmd: str = option(
         dataclasses.MISSING,
-        "Shell command that scores the model folder {model} (higher is better) on its last stdout line.",
+        "Command that scores the model folder {model} (higher is better) on its last stdout line; run "
+        "without a shell, {model} replaced inside its arguments.",
+    )
+    eval_shell: bool = option(
+        False,
+        'Run --eval-cmd with /bin/sh (pipes, cd, &&); it then reads the folder from "$NEXTTOOLS_MODEL" '
+        "and may not contain {model}.",
+    )
+    eval_timeout: float = option(
+        DEFAULT_TIMEOUT, "Seconds one evaluation may take before its processes are ended.", kind="positive"
     )
     workdir: Path = workdir_option()
     store: Path | None = store_option()
@@ -80,6 +89,11 @@ class BacktestOptions:
         (), "Method to try (repeat the option) [default: every one].", flag="--method", choices=tuple(METHODS)
     )
     device: str = device_option()
+
+    @property
+    def eval_command(self) -> EvalCommand:
+        """The eval command, checked (``UserError`` naming the flag that is wrong)."""
+        return EvalCommand(self.eval_cmd, self.eval_shell, self.eval_timeout)
 
 
 @dataclass(frozen=True)
@@ -151,7 +165,7 @@ def _listing(steps: np.ndarray) -> str:
 
 def backtest(options: BacktestOptions) -> Verdict:
     """Score every (method, α) jump from the origin and the real checkpoints after it (module docstring)."""
-    check_command(options.eval_cmd)
+    command = options.eval_command  # checked before anything is read
     if not options.alphas or not all(math.isfinite(a) and a > 0 for a in options.alphas):
         raise UserError("--alpha values must be finite and > 0")
     methods = [get_method(name) for name in options.methods] if options.methods else list(METHODS.values())
@@ -159,7 +173,7 @@ def backtest(options: BacktestOptions) -> Verdict:
     store_path = Workdir(workdir, options.store).existing_store()
     with open_store(store_path) as store:
         verdict = _backtest(options, store, methods)
-        save_verdict(workdir, store, {**verdict.document(), "eval_cmd": options.eval_cmd})
+        save_verdict(workdir, store, {**verdict.document(), "eval_cmd": command.cache_key})
     return verdict
 
 
@@ -246,7 +260,8 @@ def _score_all(
     options: BacktestOptions, evaluations: list[tuple[str, OpenedRun, Jump]]
 ) -> tuple[list[float], int, int]:
     """Write each model into one scratch folder, score it (or take its cached score), delete it."""
-    cache = ScoreCache(Path(options.workdir), options.eval_cmd)
+    command = options.eval_command
+    cache = ScoreCache(Path(options.workdir), command)
     output = get_output("merged")
     device = resolve_device(options.device)
     scores: list[float] = []
@@ -265,7 +280,7 @@ def _score_all(
                 fingerprint = model_fingerprint(folder)
                 score = cache.get(fingerprint)
                 if score is None:
-                    score = run_eval(options.eval_cmd, folder, label)
+                    score = run_eval(command, folder, label)
                     cache.put(fingerprint, score)
                     evaluated += 1
                 else:

@@ -39,6 +39,7 @@ from nexttools.console import console
 from nexttools.errors import UserError
 from nexttools.manifest import MANIFEST_NAME, Manifest, verify_output
 from nexttools.options import argument, option
+from nexttools.safe_files import new_folder
 
 MAX_FILE_BYTES = 50 * 10**9
 """The Hub's hard limit per file (50 GB, decimal as the Hub states it); it answers 413 above it."""
@@ -139,13 +140,14 @@ def _upload_view(folder: Path, manifest: Manifest, repo_id: str) -> Iterator[Pat
     listed = set(manifest.files) | {MANIFEST_NAME}
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            raise UserError(f"{path} is a link: an output folder holds only the files nexttools wrote")
         if path.is_file() and name not in listed and name != CARD_NAME:
             raise UserError(
                 f"{path} is not part of the output (nexttools.json does not list it): remove it, "
                 "or write the output again"
             )
-    view = folder.parent / f".{folder.name}.push-{os.getpid()}"
-    shutil.rmtree(view, ignore_errors=True)
+    view = new_folder(folder.parent, f".{folder.name}.push-")  # never a folder planted under a fixed name
     try:
         for name in sorted(listed):
             target = view / name

@@ -3,6 +3,8 @@
 The kernel drops a ``flock`` when its process dies, so even ``kill -9`` leaves no stale lock; the
 sidecar file itself is removed on release, and a process that opened it just before the removal
 notices (different inode) and retries, so two writers can never each hold a lock on a different file.
+The sidecar is opened without following links, and only a plain file with one link is locked
+(:func:`nexttools.safe_files.open_lock_file`): a planted link never truncates another file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nexttools.errors import UserError
+from nexttools.safe_files import open_lock_file
 
 
 @contextlib.contextmanager
@@ -24,7 +27,7 @@ def exclusive_lock(target: Path, guarded: Path) -> Iterator[None]:
     A second writer gets a ``UserError`` naming ``guarded`` and the holder's pid, at once (no wait).
     """
     while True:
-        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(target)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from nexttools.errors import UserError
 from nexttools.inspect_run import Inspection
+from nexttools.safe_files import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -39,13 +41,12 @@ def write_plot(inspection: Inspection, out: Path) -> Path:
     _by_kind(axes[1, 1], inspection)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp.png")
+    image = io.BytesIO()
     try:
-        figure.savefig(staging, dpi=110)
-        staging.replace(out)
+        figure.savefig(image, format="png", dpi=110)
     finally:
         plt.close(figure)
-        staging.unlink(missing_ok=True)
+    write_atomic(out, image.getvalue())
     return out
 
 

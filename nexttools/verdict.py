@@ -8,11 +8,11 @@ is ignored, as a stale one would mislead.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from nexttools.console import warn
+from nexttools.safe_files import write_atomic
 from nexttools.store import TrajectoryStore
 from nexttools.workdir import Workdir
 
@@ -24,9 +24,7 @@ def save_verdict(workdir: Path, store: TrajectoryStore, document: dict[str, Any]
     """Write ``<workdir>/backtest.json``: ``document`` (``backtest --json``) with the store's fingerprint."""
     path = Workdir(workdir).verdict
     document = {**document, "store_fingerprint": store.fingerprint()}
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(document, indent=2))
-    os.replace(staging, path)
+    write_atomic(path, json.dumps(document, indent=2).encode())
     return path
 
 

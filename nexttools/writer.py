@@ -42,6 +42,7 @@ from nexttools.errors import UserError
 from nexttools.locking import exclusive_lock
 from nexttools.manifest import MANIFEST_NAME
 from nexttools.ranks import ALONE, Ranks
+from nexttools.safe_files import new_folder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -297,8 +298,9 @@ class ShardedWriter:
             file.close()
 
 
-def _partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial-{os.getpid()}"
+def _partial_prefix(out: Path) -> str:
+    """Staging folders of ``out`` are ``.<name>.partial-<pid>-<random>`` beside it."""
+    return f".{out.name}.partial-{os.getpid()}-"
 
 
 def _process_alive(pid: int) -> bool:
@@ -312,10 +314,11 @@ def _process_alive(pid: int) -> bool:
 
 
 def _remove_stale_partials(out: Path) -> None:
-    """Remove hidden ``.<name>.partial-<pid>`` siblings left by killed runs (their process is gone)."""
+    """Remove hidden ``.<name>.partial-<pid>[-…]`` sibling folders left by killed runs (their process is
+    gone); links are left alone."""
     for candidate in out.parent.glob(f".{out.name}.partial-*"):
-        pid = candidate.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        pid = candidate.name.removeprefix(f".{out.name}.partial-").split("-")[0]
+        if pid.isdigit() and not candidate.is_symlink() and not _process_alive(int(pid)):
             shutil.rmtree(candidate, ignore_errors=True)
 
 
@@ -368,9 +371,7 @@ def staged_folder(out: Path, *, overwrite: bool, needed_bytes: int) -> Iterator[
             raise UserError(
                 f"not enough disk space for {out}: need {_human(needed_bytes)}, {_human(free)} free"
             )
-        staging = _partial_dir(out)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging = new_folder(out.parent, _partial_prefix(out))
         try:
             yield staging
         except BaseException as error:
@@ -388,7 +389,7 @@ def staged_folder(out: Path, *, overwrite: bool, needed_bytes: int) -> Iterator[
 def _commit(staging: Path, out: Path) -> None:
     """Move ``staging`` to ``out``, replacing a previous output (already vetted by check_destination)."""
     if out.exists():
-        previous = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        previous = new_folder(out.parent, f".{out.name}.replaced-")  # empty: the rename replaces it
         os.replace(out, previous)
         os.replace(staging, out)
         shutil.rmtree(previous, ignore_errors=True)

@@ -172,8 +172,12 @@ def test_eval_command_faults_are_one_line_and_leave_nothing(
             "failed (exit 3): no GPU here",
         ),
         ("echo accuracy: high {model}", "did not print a score as its last stdout line"),
-        ("echo nan # {model}", "not finite"),
+        (f"{sys.executable} -c 'print(\"nan\")' {{model}}", "not finite"),
         ("echo 1.0", "must contain {model}"),
+        ("echo 1.0 {model} | tail -1", "pass --eval-shell"),
+        ("cd /tmp && echo 1.0 {model}", "pass --eval-shell"),
+        ("echo 1.0 '{model}", "cannot be split into arguments"),
+        ("no-such-program-here {model}", "cannot start 'no-such-program-here'"),
     ]
     for command, message in cases:
         code, _, err = invoke(

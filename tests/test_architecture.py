@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "device",
         "options",
         "workdir",
+        "safe_files",
         "locking",
         "manifest",
         "threads",

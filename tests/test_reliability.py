@@ -487,3 +487,119 @@ def test_a_changed_older_checkpoint_is_refused_before_writing(
     code, _, err = invoke(args, capsys, monkeypatch)
     assert_one_line_error(code, err, f"checkpoint-{run.steps[-3]}", "changed since extraction")
     assert not out.exists() and not _strays(workdir.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names planted in a shared workdir or output parent: a symlink, a hard link, a file or a folder
+# under a name nexttools creates is refused in one line or never met, and nothing outside changes.
+
+
+def _victims(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    victim, folder = tmp_path / "victim.txt", tmp_path / "victim-dir"
+    victim.write_text("precious")
+    folder.mkdir()
+    (folder / "private.txt").write_text("secret")
+    return victim, folder, {"victim": victim.read_bytes(), "private": (folder / "private.txt").read_bytes()}
+
+
+def _untouched(victim: Path, folder: Path, before: dict[str, bytes]) -> bool:
+    return (
+        victim.read_bytes() == before["victim"]
+        and sorted(p.name for p in folder.iterdir()) == ["private.txt"]
+        and (folder / "private.txt").read_bytes() == before["private"]
+    )
+
+
+def _plant(path: Path, how: str, victim: Path, folder: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    {
+        "symlink": lambda: path.symlink_to(victim),
+        "dangling": lambda: path.symlink_to(victim.with_name("nowhere")),
+        "dir-symlink": lambda: path.symlink_to(folder, target_is_directory=True),
+        "hardlink": lambda: path.hardlink_to(victim),
+        "folder": lambda: path.mkdir(),
+    }[how]()
+
+
+@pytest.mark.parametrize("how", ["symlink", "dangling", "hardlink", "folder"])
+def test_a_planted_lock_is_refused_and_never_written_through(
+    workdir: Path, tmp_path: Path, run: DemoRun, capsys, monkeypatch, how: str
+):
+    victim, folder, before = _victims(tmp_path)
+    out = tmp_path / "out"
+    for lock, args in (
+        (workdir / "trajectory.h5.lock", ["extract", str(run.run), "--base", str(run.base), "--k", "2"]),
+        (tmp_path / ".out.lock", _extrapolate_args(workdir, out)),
+    ):
+        _plant(lock, how, victim, folder)
+        if args[0] == "extract":
+            args = [*args, "--workdir", str(workdir), "--device", "cpu"]
+        code, _, err = invoke(args, capsys, monkeypatch)
+        assert_one_line_error(code, err, "is not a lock file nexttools made")
+        assert _untouched(victim, folder, before) and not out.exists()
+        shutil.rmtree(lock) if how == "folder" else lock.unlink()
+    assert invoke(_extrapolate_args(workdir, out), capsys, monkeypatch)[0] == 0
+
+
+@pytest.mark.parametrize("how", ["symlink", "dangling", "dir-symlink", "folder"])
+def test_planted_work_files_are_never_followed(
+    workdir: Path, tmp_path: Path, run: DemoRun, capsys, monkeypatch, how: str
+):
+    """The partial store, the predictor's files (and their old fixed temporaries), an output's
+    staging and replaced folders: planted names are removed or never met, the victims stay."""
+    import os
+
+    victim, folder, before = _victims(tmp_path)
+    out = tmp_path / "out"
+    pid = os.getpid()
+    planted = [
+        workdir / "trajectory.h5.partial",
+        workdir / "predictor.safetensors.partial",
+        workdir / "predictor.json.partial",
+        tmp_path / f".out.partial-{pid}",
+        tmp_path / f".out.replaced-{pid}",
+        tmp_path / f".out.push-{pid}",
+    ]
+    for path in planted:
+        _plant(path, how, victim, folder)
+    extract = ["extract", str(run.run), "--base", str(run.base), "--k", "2", "--workdir", str(workdir)]
+    (workdir / "trajectory.h5").unlink()  # so that extract builds the whole store again
+    code, _, err = invoke([*extract, "--device", "cpu"], capsys, monkeypatch)
+    if how == "folder":  # a folder is not removed for us: one line naming it
+        assert_one_line_error(code, err, "trajectory.h5.partial")
+        shutil.rmtree(planted[0])
+        code, _, err = invoke([*extract, "--device", "cpu"], capsys, monkeypatch)
+    assert code == 0, err
+    assert (
+        invoke(["fit", "--workdir", str(workdir), "--epochs", "2", "--device", "cpu"], capsys, monkeypatch)[0]
+        == 0
+    )
+    for _ in range(2):  # the second one replaces the first output
+        assert invoke([*_extrapolate_args(workdir, out), "--overwrite"], capsys, monkeypatch)[0] == 0
+    assert _untouched(victim, folder, before)
+    for name in ("trajectory.h5", "predictor.safetensors", "predictor.json"):
+        assert not (workdir / name).is_symlink() and (workdir / name).is_file()
+    assert out.is_dir() and not out.is_symlink()
+
+
+def test_the_push_view_is_a_fresh_folder(workdir: Path, tmp_path: Path, capsys, monkeypatch):
+    import os
+
+    from nexttools.hub import _upload_view
+    from nexttools.manifest import verify_output
+
+    victim, folder, before = _victims(tmp_path)
+    out = tmp_path / "out"
+    assert invoke(_extrapolate_args(workdir, out), capsys, monkeypatch)[0] == 0
+    planted = tmp_path / f".out.push-{os.getpid()}"
+    planted.symlink_to(folder, target_is_directory=True)
+    with _upload_view(out, verify_output(out), "me/model") as view:
+        assert view.parent == tmp_path and not view.is_symlink() and view != planted
+        assert {p.name for p in view.iterdir()} == {p.name for p in out.iterdir()} | {"README.md"}
+    assert _untouched(victim, folder, before) and not view.exists()
+    (out / "link.txt").symlink_to(victim)
+    code, _, err = invoke(["push", str(out), "me/model", "--token", "hf_x"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "is a link")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from nexttools.errors import UserError
 from nexttools.predictor.network import Architecture, SigmaScale, TrajectoryNet
 from nexttools.predictor.trained import TrainedPredictor
+from nexttools.safe_files import stage_file
 from nexttools.store import TrajectoryStore
 from nexttools.store.trajectory import Trajectory
 from nexttools.workdir import Workdir
@@ -164,19 +165,17 @@ def save_predictor(workdir: Path, predictor: TrainedPredictor, config: Predictor
         for key, net in predictor.nets.items()
         for name, value in net.state_dict().items()
     }
-    partial = weights.with_name(weights.name + ".partial")
-    partial_config = config_path.with_name(config_path.name + ".partial")
+    staged: list[Path] = []
     try:
-        # Written through open() rather than save_file, which leaves a 0600 file behind; the predictor
-        # is small (kilobytes to a few MB), so serialising it in memory costs nothing.
-        partial.write_bytes(save(tensors, metadata={"format": "pt"}))
-        document = replace(config, weights_sha256=_file_sha256(partial)).to_json()
-        partial_config.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(partial, weights)
-        os.replace(partial_config, config_path)
+        # Serialised in memory (the predictor is kilobytes to a few MB) and staged under fresh names.
+        staged.append(stage_file(weights, save(tensors, metadata={"format": "pt"})))
+        document = replace(config, weights_sha256=_file_sha256(staged[0])).to_json()
+        staged.append(stage_file(config_path, (json.dumps(document, indent=2) + "\n").encode()))
+        os.replace(staged[0], weights)
+        os.replace(staged[1], config_path)
     except BaseException:  # a full disk, Ctrl-C...: the previous predictor stays, no partial file is left
-        partial.unlink(missing_ok=True)
-        partial_config.unlink(missing_ok=True)
+        for path in staged:
+            path.unlink(missing_ok=True)
         raise
     return weights, config_path
 

@@ -23,6 +23,7 @@ import numpy as np
 from nexttools import __version__
 from nexttools.errors import UserError
 from nexttools.locking import exclusive_lock
+from nexttools.safe_files import create_new_file, same_file
 from nexttools.store.schema import (
     FORMAT,
     GRAM,
@@ -77,9 +78,29 @@ class StoreWriter:
         self.layout = layout
         self.partial = partial_path(self.path)
         self._written: set[tuple[str, int]] = set()
+        # Under the store lock the name is ours: a partial file left by a killed run is removed (a
+        # planted link too, never what it points to), then the file is created afresh without
+        # following links, and HDF5 must have opened that very file (a swap is refused).
         self.partial.unlink(missing_ok=True)
-        self._file = h5py.File(self.partial, "w")
         try:
+            self._fd = create_new_file(self.partial)
+        except FileExistsError:
+            raise UserError(
+                f"{self.partial} reappeared while nexttools created it: is another writer there?"
+            ) from None
+        try:
+            self._file = h5py.File(self.partial, "w")
+        except BaseException:
+            os.close(self._fd)
+            self.partial.unlink(missing_ok=True)
+            raise
+        try:
+            if not same_file(self.partial, self._file.id.get_vfd_handle()) or not same_file(
+                self.partial, self._fd
+            ):
+                raise UserError(
+                    f"{self.partial} was replaced while nexttools created it; nothing was changed"
+                )
             self._reserve_space()
             self._write_header()
         except BaseException:
@@ -96,8 +117,7 @@ class StoreWriter:
         what the file did not use. Where ``fallocate`` is not supported, the free space is checked.
         """
         needed = estimated_bytes(self.layout)
-        with open(self.partial, "r+b") as handle:
-            code = _fallocate_keep_size(handle.fileno(), needed)
+        code = _fallocate_keep_size(self._fd, needed)
         if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (
             code != 0 and shutil.disk_usage(self.partial.parent).free < needed
         ):
@@ -178,17 +198,26 @@ class StoreWriter:
             raise RuntimeError(f"store rows never written: {', '.join(missing[:5])}")
         self._file.flush()
         self._file.close()
-        os.truncate(self.partial, self.partial.stat().st_size)  # releases the unused reservation
-        with open(self.partial, "rb") as handle:
-            os.fsync(handle.fileno())
+        os.ftruncate(self._fd, os.fstat(self._fd).st_size)  # releases the unused reservation
+        os.fsync(self._fd)
+        if not same_file(self.partial, self._fd):
+            raise UserError(
+                f"{self.partial} was replaced while nexttools wrote it; the store was not changed"
+            )
         os.replace(self.partial, self.path)
+        os.close(self._fd)
+        self._fd = -1
         _fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         """Close and remove the partial file; the previous store (if any) is untouched."""
         with contextlib.suppress(Exception):
             self._file.close()
-        self.partial.unlink(missing_ok=True)
+        if self._fd >= 0:
+            if same_file(self.partial, self._fd):
+                self.partial.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> StoreWriter:
         return self
