@@ -210,6 +210,16 @@ def test_invalid_trainer_state_is_refused(short_run: DemoRun, tmp_path: Path) ->
     (folder / "trainer_state.json").write_text("{truncated")
     with pytest.raises(UserError, match=r"trainer_state\.json: not valid JSON"):
         discover_checkpoints(tmp_path / "run")
+    for step in (2**64, -1, 1.5):  # beyond int64: numpy would overflow later, in a traceback
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        with pytest.raises(UserError, match=r"global_step must be an integer from 0 to 2\*\*62"):
+            discover_checkpoints(tmp_path / "run")
+
+
+def test_a_step_beyond_int64_in_a_folder_name_is_skipped(short_run: DemoRun, tmp_path: Path) -> None:
+    place(ckpt(short_run, 10), tmp_path / "run" / "checkpoint-10")
+    place(ckpt(short_run, 20), tmp_path / "run" / f"checkpoint-{2**64}", state=False)
+    assert [ref.step for ref in discover_checkpoints(tmp_path / "run")] == [10]
 
 
 # --- resolve_base ---------------------------------------------------------------------------------

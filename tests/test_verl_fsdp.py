@@ -175,3 +175,13 @@ def test_damaged_verl_checkpoints_are_one_line(tmp_path: Path, capsys, monkeypat
     (actor / "lora_train_meta.json").unlink()
     code, _, err = invoke(args, capsys, monkeypatch)
     assert_one_line_error(code, err, "lora_train_meta.json is missing")
+    (actor / "lora_train_meta.json").write_text('{"r": 4, "lora_alpha": NaN}')  # json reads NaN
+    code, _, err = invoke(args, capsys, monkeypatch)
+    assert_one_line_error(code, err, "lora_alpha nan is not a finite positive number")
+    (actor / "lora_train_meta.json").write_text('{"r": 4, "lora_alpha": Infinity}')
+    code, _, err = invoke(args, capsys, monkeypatch)
+    assert_one_line_error(code, err, "lora_alpha inf is not a finite positive number")
+    config = json.loads((actor / "fsdp_config.json").read_text())
+    (actor / "fsdp_config.json").write_text(json.dumps({**config, "world_size": 10**9}))
+    code, _, err = invoke(args, capsys, monkeypatch)  # refused before naming 10**9 files
+    assert_one_line_error(code, err, "world_size 1000000000, and 2 rank files are there")

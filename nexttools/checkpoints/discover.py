@@ -30,6 +30,7 @@ from nexttools.checkpoints.verl_fsdp import LORA_META, is_verl_fsdp
 from nexttools.checkpoints.weights import has_model_weights
 from nexttools.console import warn
 from nexttools.errors import UserError
+from nexttools.options import MAX_STEP
 
 Kind = Literal["lora", "full"]
 
@@ -132,6 +133,9 @@ def _scan_children(run: Path) -> tuple[list[CheckpointRef], list[str]]:
     for child in sorted(p for p in run.iterdir() if p.is_dir()):
         for layout in LAYOUTS:
             match = layout.pattern.fullmatch(child.name)
+            if match and int(match["step"]) > MAX_STEP:
+                skipped.append(f"{child.name}: a step beyond 2**62")
+                break
             if match and layout.recognises(child):
                 ref = layout.resolve(child, int(match["step"]), skipped)
                 if ref is not None:
@@ -368,8 +372,8 @@ def _json_step(path: Path, fallback: int) -> int:
     step = record.get("global_step") if isinstance(record, dict) else None
     if step is None:
         return fallback
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise UserError(f"{path}: global_step must be a non-negative integer, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise UserError(f"{path}: global_step must be an integer from 0 to 2**62, got {step!r}")
     return step
 
 

@@ -20,7 +20,7 @@ Reading, safely and cheaply:
 
 from __future__ import annotations
 
-import pickle
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from nexttools.checkpoints.jsonfile import read_json_object
 from nexttools.checkpoints.keys import LORA_KEY, lora_module_paths
 from nexttools.errors import UserError
+from nexttools.options import MAX_COUNT
 
 FSDP_CONFIG = "fsdp_config.json"
 LORA_META = "lora_train_meta.json"
@@ -51,6 +52,16 @@ def rank_files(folder: Path) -> list[Path]:
     world = config.get("world_size")
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise UserError(f"{folder / FSDP_CONFIG}: world_size {world!r} is not a positive integer")
+    present = len(list(folder.glob("model_world_size_*_rank_*.pt")))
+    if world > present:  # checked before naming W files: a hostile W of 10**9 costs nothing
+        missing = next(
+            folder / f"model_world_size_{world}_rank_{rank}.pt"
+            for rank in range(present + 1)
+            if not (folder / f"model_world_size_{world}_rank_{rank}.pt").is_file()
+        )
+        raise UserError(
+            f"{missing} is missing: {FSDP_CONFIG} says world_size {world}, and {present} rank files are there"
+        )
     files = [folder / f"model_world_size_{world}_rank_{rank}.pt" for rank in range(world)]
     for path in files:
         if not path.is_file():
@@ -63,6 +74,15 @@ def lora_config(folder: Path, module_paths: list[str]) -> dict[str, Any]:
     meta = _read_json(folder / LORA_META)
     if "r" not in meta or "lora_alpha" not in meta:
         raise UserError(f"{folder / LORA_META}: needs r and lora_alpha")
+    rank, alpha = meta["r"], meta["lora_alpha"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= MAX_COUNT:
+        raise UserError(f"{folder / LORA_META}: r {rank!r} is not a positive integer")
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, int | float)
+        or not (math.isfinite(alpha) and alpha > 0)
+    ):
+        raise UserError(f"{folder / LORA_META}: lora_alpha {alpha!r} is not a finite positive number")
     targets = sorted({path.rsplit(".", 1)[-1] for path in module_paths})
     return {
         "peft_type": "LORA",
@@ -79,7 +99,7 @@ def _load(path: Path) -> dict[str, Any]:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # weights_only: nothing ran; any failure is damage
         raise UserError(f"{path}: not a readable weights-only torch file ({type(error).__name__})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a state dict")
@@ -105,13 +125,25 @@ def _assemble(key: str, values: list[Any], files: list[Path]) -> torch.Tensor:
                 f"{files[0]}: {key} is placed as {placement} (FSDP + tensor parallel?), "
                 "which is not supported"
             )
-    order = _rank_order(mesh, first.placements)
-    if any(rank >= len(values) for rank in order):
-        raise UserError(f"{files[0]}: {key} lives on ranks {order}, beyond the {len(values)} rank files")
-    pieces = [values[rank]._local_tensor for rank in order]
-    if shard_dim is None:
-        return pieces[0].detach().clone()
-    return torch.cat([piece.detach() for piece in pieces], dim=shard_dim)
+    ranks = sorted(int(rank) for rank in mesh.reshape(-1).tolist())
+    if ranks != list(range(len(values))):
+        raise UserError(
+            f"{files[0]}: the mesh of {key} maps ranks {ranks[:8]}, "
+            f"not each of the {len(values)} rank files once"
+        )
+    for value, path in zip(values, files, strict=True):
+        if not (isinstance(value, DTensor) and isinstance(value._local_tensor, torch.Tensor)):
+            raise UserError(f"{path}: {key} is not a DTensor holding a local tensor")
+        if value.placements != first.placements or value.shape != first.shape:
+            raise UserError(f"{path}: {key} is placed or shaped unlike rank 0's")
+    pieces = [values[rank]._local_tensor.detach() for rank in _rank_order(mesh, first.placements)]
+    whole = pieces[0].clone() if shard_dim is None else torch.cat(pieces, dim=shard_dim)
+    if whole.shape != first.shape:
+        raise UserError(
+            f"{files[0]}: the local shards of {key} make {tuple(whole.shape)}, "
+            f"not its global {tuple(first.shape)}"
+        )
+    return whole
 
 
 def _rank_order(mesh: torch.Tensor, placements: tuple[Any, ...]) -> list[int]:
