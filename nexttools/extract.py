@@ -36,6 +36,7 @@ from nexttools.errors import UserError
 from nexttools.extract_plan import Plan, plan_rows
 from nexttools.extract_ranks import ModuleResult, module_results
 from nexttools.extract_sources import ModuleWindow, Source, open_source
+from nexttools.jump_record import kept_steps
 from nexttools.lowrank import Rank1, align_sign
 from nexttools.options import argument, device_option, option, store_option, workdir_option
 from nexttools.ranks import Ranks, joined, together
@@ -175,6 +176,7 @@ def _extract(options: ExtractOptions, ranks: Ranks) -> ExtractSummary:
         shapes=tuple((int(o), int(i)) for o, i in source.shapes),
         ranks=tuple(source.ranks),
         carried=tuple(source.carried),
+        jumped=tuple(sorted(kept_steps(Path(options.workdir)) & {ref.step for ref in refs})),
     )
     store_path = Path(options.store_path)
     created: list[Path] = []

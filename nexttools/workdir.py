@@ -49,6 +49,16 @@ class Workdir:
     def scores(self) -> Path:
         return Path(self.path) / "eval-scores.json"
 
+    @property
+    def jumps(self) -> Path:
+        """The record of the jumps a run made while it trained (:mod:`nexttools.schedule.record`)."""
+        return Path(self.path) / "jumps.json"
+
+    @property
+    def jump_states(self) -> Path:
+        """Where each kept jump keeps the weight files it replaced, ``step-N/``."""
+        return Path(self.path) / "jumps"
+
     def existing_store(self) -> Path:
         """The store's path; ``UserError`` when there is none yet."""
         if not self.store.is_file():

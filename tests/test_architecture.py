@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
         "options",
         "workdir",
         "safe_files",
+        "jump_record",
         "locking",
         "manifest",
         "threads",
@@ -45,6 +46,7 @@ LAYERS: list[tuple[str, ...]] = [
         "plots",
         "extrapolate",
     ),
+    ("schedule",),
     ("cli", "__main__"),
 ]
 COMMAND_FAMILIES = [

@@ -28,7 +28,9 @@ class Batch:
 
 def training_batches(trajectory: Trajectory, rows: np.ndarray) -> tuple[dict[str, Batch], SigmaScale]:
     """Samples of every network from target rows ``rows``: the (row, module) pairs whose global and
-    target deltas are non-zero. u/v are scaled by √dim; σ is log-standardised (scale returned)."""
+    target deltas are non-zero and that hold no jump made while training (those are not the run's
+    own motion). u/v are scaled by √dim; σ is log-standardised (scale returned)."""
+    rows = trajectory.free_of_jumps(rows)
     sg = trajectory.global_.sigma[rows]
     st = trajectory.target.sigma[rows]
     pair_rows, pair_modules = np.nonzero((sg > 0) & (st > 0))

@@ -45,6 +45,13 @@ class TrajectoryStore:
         self.steps: np.ndarray = file["checkpoints/step"][()].astype(np.int64)
         self.checkpoint_paths: list[str] = _strings(file["checkpoints/path"])
         self.fingerprints: list[str] = _strings(file["checkpoints/fingerprint"])
+        jumped = file["checkpoints/jumped"][()] if "checkpoints/jumped" in file else None
+        self.jumped: np.ndarray = (
+            np.zeros(len(self.steps), dtype=bool)
+            if jumped is None
+            else np.asarray(jumped, dtype=bool).reshape(-1)
+        )
+        """bool ``(C,)``: the checkpoint holds a jump made while training (all False in older stores)."""
         self.modules: list[str] = _strings(file["modules/name"])
         self.shapes: np.ndarray = file["modules/shape"][()].astype(np.int64).reshape(-1, 2)
         self.ranks: np.ndarray = file["modules/rank"][()].astype(np.int64)
@@ -99,6 +106,7 @@ class TrajectoryStore:
             shapes=tuple((int(o), int(i)) for o, i in self.shapes),
             ranks=tuple(int(r) for r in self.ranks),
             carried=tuple(self.carried),
+            jumped=tuple(int(s) for s, j in zip(self.steps, self.jumped, strict=False) if j),
         )
 
     def read(self, kind: DeltaKind) -> DeltaArrays:

@@ -55,6 +55,8 @@ class StoreLayout:
     """Everything in a store except the delta arrays: its header, checkpoint table and module table.
 
     ``steps``/``paths``/``fingerprints`` have one entry per checkpoint (C, step order);
+    ``jumped`` lists the steps whose checkpoint holds a jump made while training (the local delta
+    of the interval ending there is not the run's own motion; ``docs/store.md``);
     ``modules``/``shapes``/``ranks`` one per module (M). ``rank`` is the LoRA rank, 0 for a
     full-weight run. ``carried`` names absolute tensors (``modules_to_save``, and every non-module
     tensor of a full-weight run) that outputs copy from the last checkpoint instead of extrapolating.
@@ -73,6 +75,7 @@ class StoreLayout:
     shapes: tuple[tuple[int, int], ...]
     ranks: tuple[int, ...]
     carried: tuple[str, ...]
+    jumped: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not (len(self.steps) == len(self.paths) == len(self.fingerprints)):

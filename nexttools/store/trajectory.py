@@ -34,6 +34,8 @@ class Trajectory:
     local: DeltaArrays
     target: DeltaArrays
     store_fingerprint: str
+    jumped: np.ndarray | None = None
+    """bool ``(C,)``: row i's checkpoint holds a jump made while training (None: no jumps)."""
 
     @staticmethod
     def from_store(store: TrajectoryStore) -> Trajectory:
@@ -48,6 +50,7 @@ class Trajectory:
             local=store.read("local"),
             target=store.read("target"),
             store_fingerprint=store.fingerprint(),
+            jumped=store.jumped if store.jumped.any() else None,
         )
 
     def fingerprint(self) -> str:
@@ -63,6 +66,15 @@ class Trajectory:
     def target_rows(self) -> int:
         """C − k, the number of rows whose target delta exists (rows 0 … C−k−1)."""
         return max(self.checkpoints - self.k, 0)
+
+    def free_of_jumps(self, rows: np.ndarray) -> np.ndarray:
+        """The target rows among ``rows`` whose local and target deltas hold no jump: row i uses
+        L_i (the interval ending at i) and T_i (the intervals i+1 … i+k), so a jump at any of the
+        rows i … i+k makes it a jump, not the run's own motion."""
+        if self.jumped is None:
+            return rows
+        spans = [bool(self.jumped[int(i) : int(i) + self.k + 1].any()) for i in rows]
+        return rows[~np.asarray(spans, dtype=bool)] if len(rows) else rows
 
     def row_index(self, row: int) -> int:
         """``row`` as an index in 0 … C−1 (negative rows count from the end, as in numpy)."""

@@ -141,6 +141,11 @@ class StoreWriter:
         file.attrs["scaling_rule"] = layout.scaling_rule
         c, m = len(layout.steps), len(layout.modules)
         file.create_dataset("checkpoints/step", data=np.asarray(layout.steps, dtype=np.int64).reshape(c))
+        if layout.jumped:  # optional: a store without it (every store before jumps existed) has none
+            jumped = np.isin(
+                np.asarray(layout.steps, dtype=np.int64), np.asarray(layout.jumped, dtype=np.int64)
+            )
+            file.create_dataset("checkpoints/jumped", data=jumped.reshape(c))
         file.create_dataset("checkpoints/path", data=list(layout.paths), dtype=strings, shape=(c,))
         file.create_dataset(
             "checkpoints/fingerprint", data=list(layout.fingerprints), dtype=strings, shape=(c,)
