@@ -14,9 +14,11 @@ The learning rate is constant (no warm-up, no decay), so that the first 150/400 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,7 +66,8 @@ def train_grpo(
     settings: GrpoSettings,
     adapter_dir: Path | None = None,
     resume_from: Path | None = None,
-) -> None:
+    attach: Sequence[Callable[[Any], object]] = (),
+) -> float:
     """Run ``steps`` GRPO steps from ``model_dir`` and write ``out_dir/checkpoint-N`` every ``save_every``.
 
     Args:
@@ -75,6 +78,9 @@ def train_grpo(
             scheduler, RNG and data position, on top of ``model_dir`` (the run's base, or a new base
             written by ``nexttools extrapolate --format base``); new checkpoints go to ``out_dir``.
         problems: the RL prompt pool (never the held-out set); shuffled by the trainer with ``seed``.
+        attach: called with the trainer before training (e.g. ``JumpCallback(...).attach``).
+
+    Returns the seconds the training loop took (model loading excluded).
     """
     from datasets import Dataset
     from peft import PeftModel
@@ -134,4 +140,8 @@ def train_grpo(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    for hook in attach:
+        hook(trainer)
+    started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    return time.monotonic() - started
