@@ -27,6 +27,7 @@ from nexttools.checkpoints.adapter import AdapterCheckpoint
 from nexttools.console import console, warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
+from nexttools.extrapolate_choice import Choice, check_jump_size, choose
 from nexttools.manifest import BaseRecord, CheckpointRecord, Manifest, write_manifest
 from nexttools.methods import METHODS, JumpRequest, Method, get_method
 from nexttools.options import device_option, option, store_option, workdir_option
@@ -57,17 +58,20 @@ class ExtrapolateOptions:
     is in bytes.
     """
 
-    alpha: float = option(1.5, "Extending coefficient α: Ŵ = W_c + α·T̂ (paper default).")
-    method: str = option(
-        "next",
-        "How T̂ is predicted (listed below); only next needs `nexttools fit`.",
+    alpha: float | None = option(
+        None, "Extending coefficient α: Ŵ = W_c + α·T̂.  [default: backtest's, else 1.5]"
+    )
+    method: str | None = option(
+        None,
+        "How T̂ is predicted (listed below).  [default: backtest's recommendation, else fit's best]",
         choices=tuple(METHODS),
     )
-    format: str = option(
-        "merged",
-        "What is written (listed below); base resumes a LoRA run in place.",
+    format: str | None = option(
+        None,
+        "What is written (listed below).  [default: in place: base (LoRA), checkpoint, else merged]",
         choices=tuple(OUTPUTS),
     )
+    force: bool = option(False, "Write a jump larger than half its module's weight norm.")
     out: Path | None = option(
         None, "Output folder.  [default: <workdir>/extrapolated-alpha{α}[-{method}][-{format}]]"
     )
@@ -128,23 +132,26 @@ class ExtrapolateSummary:
         }
 
 
-def _check_options(options: ExtrapolateOptions) -> list[str]:
-    """Refuse impossible options; return the warnings worth repeating in the summary."""
-    get_method(options.method)
-    get_output(options.format)
+def _check_options(options: ExtrapolateOptions) -> None:
+    """Refuse impossible options before anything is read."""
+    if options.method is not None:
+        get_method(options.method)
+    if options.format is not None:
+        get_output(options.format)
     if options.dtype is not None and options.dtype not in DTYPES:
         raise UserError(f"unknown --dtype {options.dtype!r} (choose from {', '.join(DTYPES)})")
-    if not math.isfinite(options.alpha) or options.alpha < 0:
+    if options.alpha is not None and (not math.isfinite(options.alpha) or options.alpha < 0):
         raise UserError(f"--alpha must be a finite number ≥ 0, got {options.alpha}")
     if options.max_shard_size <= 0:
         raise UserError(f"--max-shard-size must be positive, got {options.max_shard_size} bytes")
-    if options.alpha > ALPHA_WARNING:
-        message = (
-            f"α = {options.alpha:g} > {ALPHA_WARNING:g}: the NExt paper reports unstable models this far out"
-        )
-        warn(message)
-        return [message]
-    return []
+
+
+def _alpha_warning(alpha: float) -> list[str]:
+    if alpha <= ALPHA_WARNING:
+        return []
+    message = f"α = {alpha:g} > {ALPHA_WARNING:g}: the NExt paper reports unstable models this far out"
+    warn(message)
+    return [message]
 
 
 def _check_run_kind(run_kind: str, method: Method, output: OutputFormat) -> None:
@@ -193,6 +200,7 @@ def _lora_facts(run: OpenedRun) -> dict[str, Any] | None:
 
 def _manifest(
     options: ExtrapolateOptions,
+    choice: Choice,
     run: OpenedRun,
     output: OutputFormat,
     plan: OutputPlan,
@@ -201,16 +209,16 @@ def _manifest(
 ) -> Manifest:
     store = run.store
     weights = output.weights(run.kind)
-    config = read_config(Path(options.workdir)) if get_method(options.method).needs_predictor else None
+    config = read_config(Path(options.workdir)) if get_method(choice.method).needs_predictor else None
     return Manifest(
         nexttools_version=__version__,
         command=options.command,
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        method=options.method,
-        alpha=options.alpha,
+        method=choice.method,
+        alpha=choice.alpha,
         k=store.k,
         target_step=target,
-        format=options.format,
+        format=choice.format,
         weights=weights,
         dtype=str(plan.dtype).removeprefix("torch."),
         library_name="peft" if weights == "adapter" else "transformers",
@@ -242,21 +250,32 @@ def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
 
 
 def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummary:
-    warnings = _check_options(options)
-    method, output = get_method(options.method), get_output(options.format)
+    _check_options(options)
     workdir = Workdir(options.workdir, options.store)
     store_path = workdir.existing_store()
-    out = Path(options.out or workdir.output(options.alpha, method.name, output.suffix))
     out_dtype = DTYPES[options.dtype] if options.dtype else None
     device = ranks.device
     with open_store(store_path) as store:
+        run = OpenedRun(store)
+        verdict = read_verdict(options.workdir, store)
+        choice = choose(
+            options.method,
+            options.alpha,
+            options.format,
+            run,
+            verdict,
+            recorded_backtest(options.workdir, store),
+        )
+        method, output = get_method(choice.method), get_output(choice.format)
+        warnings = [*choice.notes, *_alpha_warning(choice.alpha)]
+        out = Path(options.out or workdir.output(choice.alpha, method.name, output.suffix))
         _check_run_kind(store.run_kind, method, output)
         check_destination(out, overwrite=options.overwrite)
-        run = OpenedRun(store)
         output.check(run, method, out_dtype)
-        warnings += warn_if_judged(read_verdict(options.workdir, store), method.name, options.alpha)
+        warnings += warn_if_judged(verdict, method.name, choice.alpha)
         predictor = load_predictor(Path(options.workdir), store) if method.needs_predictor else None
-        jump = method.jump(JumpRequest(run=run, alpha=options.alpha, predictor=predictor))
+        jump = method.jump(JumpRequest(run=run, alpha=choice.alpha, predictor=predictor))
+        warnings += check_jump_size(run, method.name, jump, force=options.force)
         base_id, id_warnings = _base_id(options, run)
         warnings += id_warnings
         plan = output.plan(OutputRequest(run, jump, out_dtype, options.max_shard_size, base_id, device))
@@ -271,7 +290,7 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
             out=out,
             method=method.name,
             format=output.name,
-            alpha=options.alpha,
+            alpha=choice.alpha,
             k=store.k,
             target_step=jump.target_step,
             dtype=str(plan.dtype).removeprefix("torch."),
@@ -294,7 +313,7 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
                 plan.write(staging, ranks)
                 if not ranks.writer:
                     return summary
-                manifest = _manifest(options, run, output, plan, base_id, jump.target_step)
+                manifest = _manifest(options, choice, run, output, plan, base_id, jump.target_step)
                 write_model_card(staging, manifest)
                 write_manifest(staging, manifest)
                 files = {

@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
         "inspect_run",
         "plots",
         "extrapolate",
+        "extrapolate_choice",
     ),
     ("schedule",),
     ("cli", "__main__"),
@@ -54,7 +55,7 @@ COMMAND_FAMILIES = [
     {"fit"},
     {"advisor"},
     {"inspect_run", "plots"},
-    {"extrapolate"},
+    {"extrapolate", "extrapolate_choice"},
 ]
 
 

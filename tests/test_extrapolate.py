@@ -60,7 +60,16 @@ def _small_run(folder: Path, **kwargs: object) -> DemoRun:
 
 def _options(workdir: Path, out: Path, **changes: object) -> ExtrapolateOptions:
     return replace(
-        ExtrapolateOptions(workdir=workdir, out=out, device="cpu", base_model_id="org/tiny"), **changes
+        ExtrapolateOptions(
+            workdir=workdir,
+            out=out,
+            device="cpu",
+            base_model_id="org/tiny",
+            method="next",
+            alpha=1.5,
+            format="merged",  # what these tests check; the in-place default has its own tests
+        ),
+        **changes,
     )
 
 
@@ -344,17 +353,15 @@ def test_training_one_side_of_tied_embeddings_unties_them(tmp_path: Path) -> Non
     assert torch.equal(loaded.model.embed_tokens.weight, trained_embed)
 
 
-def test_full_weight_run_extrapolates_from_the_last_checkpoint(
-    short_run: DemoRun, tmp_path: Path, monkeypatch, capsys
-) -> None:
-    """A full-weight run (HF model folders): W_c is read, not merged; everything else is the last
-    checkpoint's bytes (including a norm the run changed but that is not a 2-D module)."""
+def _full_run(short_run: DemoRun, tmp_path: Path) -> tuple[Path, Path]:
+    """A full-weight run (HF Trainer folders of whole models, steps 60, 70, 80) made from the LoRA
+    demo run: W_0 + ΔW, and a trained norm. Returns (run folder, base folder)."""
     from safetensors.torch import save_file
 
-    lora = DemoRun(short_run.base, short_run.run, short_run.steps[-3:])  # steps 60, 70, 80
+    lora = DemoRun(short_run.base, short_run.run, short_run.steps[-3:])
     base = _tensors(lora.base)
     deltas = _peft_deltas(lora.base, [lora.run / f"checkpoint-{step}" for step in lora.steps])
-    for step, delta in zip(lora.steps, deltas, strict=True):  # W_0 + ΔW, and a trained norm: a full run
+    for step, delta in zip(lora.steps, deltas, strict=True):
         weights = {
             name: (t.double() + delta[name]).float() if name in delta else t for name, t in base.items()
         }
@@ -364,8 +371,17 @@ def test_full_weight_run_extrapolates_from_the_last_checkpoint(
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
         shutil.copy(lora.base / "config.json", folder / "config.json")
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return tmp_path / "full", lora.base
+
+
+def test_full_weight_run_extrapolates_from_the_last_checkpoint(
+    short_run: DemoRun, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A full-weight run (HF model folders): W_c is read, not merged; everything else is the last
+    checkpoint's bytes (including a norm the run changed but that is not a 2-D module)."""
+    run, base_folder = _full_run(short_run, tmp_path)
     workdir = tmp_path / "work"
-    extract(ExtractOptions(run=tmp_path / "full", base=str(lora.base), workdir=workdir, k=2, device="cpu"))
+    extract(ExtractOptions(run=run, base=str(base_folder), workdir=workdir, k=2, device="cpu"))
     out = tmp_path / "out"
     reads: list[tuple[str, str]] = []
     real_get = ModelWeights.get
@@ -416,11 +432,27 @@ def test_cli_writes_the_default_output_folder(
     lora_workdir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     workdir = copy_tree(lora_workdir, tmp_path / "work")
-    args = ["extrapolate", "--workdir", str(workdir), "--alpha", "1.5", "--json", "--device", "cpu"]
+    args = [
+        "extrapolate",
+        "--workdir",
+        str(workdir),
+        "--alpha",
+        "1.5",
+        "--json",
+        "--device",
+        "cpu",
+        "--force",
+    ]
     code, stdout, stderr = invoke(args, capsys, monkeypatch)
     assert code == 0, stderr
     assert "base_model" in stderr  # only a local path is known: the card will lack base_model
-    out = workdir / "extrapolated-alpha1.5"
+    # no verdict: fit's skill picks the method; a LoRA run is written to resume in place
+    document = json.loads(stdout)
+    assert document["format"] == "base" and "--format base" in stderr and "`nexttools fit`" in stderr
+    out = (
+        workdir
+        / f"extrapolated-alpha1.5{'' if document['method'] == 'next' else '-' + document['method']}-base"
+    )
     manifest = verify_output(out)
     assert json.loads(stdout)["out"] == str(out) and manifest.base.id is None
     assert manifest.command == shlex.join(["nexttools", *args])  # the real command line, as typed
@@ -453,7 +485,7 @@ def _expect_error(args: list[str], match: str, monkeypatch, capsys) -> str:
         (["--alpha", "-0.5"], "--alpha must be"),
         (["--alpha", "nan"], "--alpha must be"),
         (["--max-shard-size", "big"], "cannot read the size"),
-        (["--alpha", "1e30", "--dtype", "float16"], "non-finite values"),
+        (["--alpha", "1e30", "--dtype", "float16", "--force"], "non-finite values"),
     ],
 )
 def test_bad_options_exit_2_and_leave_nothing(
@@ -484,13 +516,15 @@ def test_input_errors_exit_2_and_leave_nothing(
     out = tmp_path / "out"
     common = ["--workdir", str(workdir), "--out", str(out)]
 
-    _expect_error(common, "run `nexttools fit`", monkeypatch, capsys)
+    _expect_error(common, "no method given and no back-test to choose one", monkeypatch, capsys)
+    _expect_error([*common, "--method", "next"], "run `nexttools fit`", monkeypatch, capsys)
     _expect_error(
         ["--workdir", str(tmp_path / "nowhere"), "--out", str(out)], "nexttools extract", monkeypatch, capsys
     )
     for name in ("predictor.safetensors", "predictor.json"):  # a predictor trained on another store
         shutil.copy(lora_workdir / name, workdir / name)
-    _expect_error(common, "another store", monkeypatch, capsys)
+    _expect_error(common, "no method given and no back-test", monkeypatch, capsys)  # not this store's
+    _expect_error([*common, "--method", "next"], "another store", monkeypatch, capsys)
     _expect_error(
         [
             *common,

@@ -164,7 +164,14 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
 
 
 def _options(run: TrainedRun, out: Path, **changes: object) -> ExtrapolateOptions:
-    fields: dict = {"workdir": run.run.parent / "work", "out": out, "device": "cpu", "alpha": 1.5}
+    fields: dict = {
+        "workdir": run.run.parent / "work",
+        "out": out,
+        "device": "cpu",
+        "alpha": 1.5,
+        "method": "next",
+        "format": "merged",
+    }
     return ExtrapolateOptions(**(fields | changes))
 
 

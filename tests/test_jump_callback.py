@@ -131,7 +131,9 @@ def test_a_live_jump_equals_the_checkpoint_output(
     extract(ExtractOptions(run=run, base=str(base), workdir=work, k=5))
     out = tmp_path / "out"
     extrapolate(
-        ExtrapolateOptions(workdir=work, method="factor-linear", alpha=1.5, format="checkpoint", out=out)
+        ExtrapolateOptions(
+            workdir=work, method="factor-linear", alpha=1.5, format="checkpoint", out=out, force=True
+        )
     )
     written = load_file(out / "adapter_model.safetensors")
     live = jumped["after"].lora[step]

@@ -77,6 +77,7 @@ def small_run(
 
 
 def _write(workdir: Path, out: Path, **fields: object) -> Path:
+    fields = {"format": "merged", "alpha": 1.5, "method": "next", "force": True} | fields
     extrapolate(ExtrapolateOptions(workdir=workdir, out=out, device="cpu", **fields))  # type: ignore[arg-type]
     return out
 

@@ -162,7 +162,7 @@ def test_a_jump_that_overflows_while_ranks_write_is_one_line_and_no_output(
     and neither the output nor its staging folder or lock is left."""
     work, out = tmp_path / "work", tmp_path / "out"
     extract(ExtractOptions(run=short_run.run, base=str(short_run.base), workdir=work, k=3, device="cpu"))
-    args = ("extrapolate", "--workdir", str(work), "--method", "factor-linear", "--alpha", "1e30")
+    args = ("extrapolate", "--workdir", str(work), "--method", "factor-linear", "--alpha", "1e30", "--force")
     done = torchrun(*args, "--dtype", "float16", "--out", str(out), "--max-shard-size", "100KB")
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if "error:" in line]

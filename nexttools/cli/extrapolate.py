@@ -47,9 +47,10 @@ def extrapolate_command(
     """Jump the run ahead: write the last checkpoint moved α·T̂ along its predicted trajectory.
 
     \b
-    nexttools extrapolate --alpha 1.5                 # -> <workdir>/extrapolated-alpha1.5/ (merged)
-    nexttools extrapolate --alpha 1.5 --format base   # resume your own LoRA checkpoint on it, in place
+    nexttools extrapolate                  # backtest's (or fit's) choice, written to resume in place
+    nexttools extrapolate --alpha 1.5      # a LoRA run: a new base for your own last checkpoint
     nexttools extrapolate --method factor-linear --format checkpoint   # a resumable checkpoint-N copy
+    nexttools extrapolate --format merged  # a restart (fresh LoRA, fresh optimizer): loses steps
     """
     from nexttools.errors import UserError
 

@@ -70,6 +70,8 @@ class Method(ABC):
         keeps_rank: the jump is a LoRA pair of the adapter's own rank (``Jump.new_factors``), so it
             can be written into the run's own checkpoint and its optimizer state stays valid.
         backtest_note: why :meth:`backtest` returns None, when it does.
+        measured: the jump is α times a change the run really made (not a prediction), so it cannot
+            diverge; ``extrapolate``'s jump-size guard skips it (and the reads it would cost).
     """
 
     name: ClassVar[str]
@@ -78,6 +80,7 @@ class Method(ABC):
     lora_only: ClassVar[bool] = False
     keeps_rank: ClassVar[bool] = False
     backtest_note: ClassVar[str] = ""
+    measured: ClassVar[bool] = False
 
     @abstractmethod
     def jump(self, request: JumpRequest) -> Jump:

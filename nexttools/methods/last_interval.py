@@ -61,6 +61,7 @@ class LastInterval(Method):
     name = "last-interval"
     summary = "the last k-checkpoint change repeated at full rank: T̂ = ΔW_c − ΔW_(c−k)"
     backtest_note = "needs k checkpoints before each held-out row, counting the base"
+    measured = True
 
     def jump(self, request: JumpRequest) -> Jump:
         run, alpha = request.run, request.alpha

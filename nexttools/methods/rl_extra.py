@@ -31,6 +31,7 @@ def step_ratio(steps: np.ndarray, k: int, alpha: float) -> float:
 class RLExtra(Method):
     name = "rl-extra"
     summary = "RL-Extra's rule: the whole change since the base, scaled by the step ratio, W_0 + (t/s_c)·ΔW_c"
+    measured = True
 
     def jump(self, request: JumpRequest) -> Jump:
         run = request.run
