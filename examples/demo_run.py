@@ -137,6 +137,38 @@ def trajectory_factors(
     return (b @ m) / scaling, torch.linalg.solve(m, a)
 
 
+def steady_factors(
+    shape: tuple[int, int], rank: int, step: int, generator_seed: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo's run: the same kind of trajectory as :func:`trajectory_factors`, but steadier, as a
+    run in a consistent phase is (the regime where a jump pays): the dominant direction rotates slowly
+    while its magnitude is still growing (saturation time 300–600 steps), and the factors' gauge M
+    drifts continuously with the step, as an optimiser leaves it, instead of jumping per checkpoint.
+    """
+    out_dim, in_dim = shape
+    g = torch.Generator().manual_seed(generator_seed)
+    u_basis = _orthonormal(out_dim, 4, g)
+    v_basis = _orthonormal(in_dim, 4, g)
+    tau = 300.0 + 300.0 * torch.rand((), generator=g).item()
+    omega = 0.0005 + 0.001 * torch.rand((), generator=g).item()
+    scale = 0.05 + 0.05 * torch.rand((), generator=g).item()
+    drift = 0.05 * torch.randn(rank, rank, generator=g, dtype=torch.float64)
+    angle = omega * step
+    magnitude = scale * (1.0 - math.exp(-step / tau))
+    u = math.cos(angle) * u_basis[:, 0] + math.sin(angle) * u_basis[:, 1]
+    v = math.cos(0.7 * angle) * v_basis[:, 0] + math.sin(0.7 * angle) * v_basis[:, 1]
+    weak = 0.15 * scale * step / 150.0
+    cols_b = [magnitude * u, weak * u_basis[:, 2], 0.5 * weak * u_basis[:, 3]]
+    rows_a = [v, v_basis[:, 2], v_basis[:, 3]]
+    b = torch.zeros(out_dim, rank, dtype=torch.float64)
+    a = torch.zeros(rank, in_dim, dtype=torch.float64)
+    for j, (col, row) in enumerate(zip(cols_b, rows_a, strict=True)):
+        if j < rank:
+            b[:, j], a[j] = col, row
+    m = torch.eye(rank, dtype=torch.float64) + drift * (step / 150.0)
+    return (b @ m) / scaling, torch.linalg.solve(m, a)
+
+
 Factors = Callable[[tuple[int, int], int, int, int, float], tuple[torch.Tensor, torch.Tensor]]
 """(shape, rank, step, generator_seed, scaling) -> (B, A), as :func:`trajectory_factors`."""
 
@@ -244,6 +276,6 @@ def save_merged_modules(
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m examples.demo_run OUT_DIR")
-    built = build_demo_run(Path(sys.argv[1]), future_step=DEMO_FUTURE_STEP)
+    built = build_demo_run(Path(sys.argv[1]), future_step=DEMO_FUTURE_STEP, factors=steady_factors)
     print(f"base: {built.base}\nrun:  {built.run} ({len(built.steps)} checkpoints)")
     print(f"future: {built.base.parent / 'future.safetensors'} (the run at step {DEMO_FUTURE_STEP})")

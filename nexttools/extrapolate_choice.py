@@ -116,10 +116,12 @@ def _from_fit(run: OpenedRun, alpha: float, fit_record: dict[str, Any] | None, n
             "(it decides in function space), or `nexttools fit`, or name --method"
         )
     if not usable:
-        shown = ", ".join(f"{n} {s:.2f}" for n, s in scored.items() if s is not None) or "none scored"
+        shown = ", ".join(
+            f"{n} {'< −1' if s < -1 else format(s, '.2f')}" for n, s in scored.items() if s is not None
+        )
         raise UserError(
-            f"`nexttools fit` found no method better than not jumping at α={alpha:g} (skill S: {shown}); "
-            "name --method to extrapolate anyway"
+            f"`nexttools fit` found no method better than not jumping at α={alpha:g} "
+            f"(skill S: {shown or 'none'}); name --method to extrapolate anyway"
         )
     best = max(usable, key=lambda name: usable[name])
     notes.append(

@@ -278,7 +278,11 @@ def _skill_verdict(
         return "none", "No held-out change moved: nothing to compare."
     winner = max(scored, key=lambda name: scored[name].skill["overall"])
     best = scored[winner]
-    others = ", ".join(f"{name} {s.skill['overall']:.3f}" for name, s in scored.items() if name != winner)
+    others = ", ".join(
+        f"{name} {'< −1 (diverges)' if s.skill['overall'] < -1 else format(s.skill['overall'], '.3f')}"
+        for name, s in scored.items()
+        if name != winner
+    )
     missing = "".join(f"; {name} is not scored ({note})" for name, note in notes.items())
     if best.skill["overall"] <= 0:
         lead = (
@@ -290,7 +294,11 @@ def _skill_verdict(
             f"{winner} predicts the held-out changes best: skill S {best.skill['overall']:.3f} at "
             f"α={alpha:g} (α* {best.alpha_star['overall']:.2f})"
         )
-    return winner, f"{lead}, against {others or 'nothing'}{missing}."
+    return (
+        winner,
+        f"{lead} (parameter space; `nexttools backtest` judges in function space), "
+        f"against {others or 'nothing'}{missing}.",
+    )
 
 
 def _verdict(methods: dict[str, MethodScore | None]) -> tuple[str, str]:

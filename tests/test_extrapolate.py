@@ -417,6 +417,7 @@ def test_full_weight_run_extrapolates_from_the_last_checkpoint(
 def test_dry_run_writes_nothing(lora_workdir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "dry"
     args = ["extrapolate", "--workdir", str(lora_workdir), "--out", str(out), "--dry-run", "--json"]
+    args += ["--method", "next", "--alpha", "1.5", "--format", "merged", "--force"]
     code, stdout, stderr = invoke(
         [*args, "--max-shard-size", "100KB", "--device", "cpu"], capsys, monkeypatch
     )
@@ -442,17 +443,15 @@ def test_cli_writes_the_default_output_folder(
         "--device",
         "cpu",
         "--force",
+        "--method",
+        "next",
     ]
     code, stdout, stderr = invoke(args, capsys, monkeypatch)
     assert code == 0, stderr
     assert "base_model" in stderr  # only a local path is known: the card will lack base_model
-    # no verdict: fit's skill picks the method; a LoRA run is written to resume in place
-    document = json.loads(stdout)
-    assert document["format"] == "base" and "--format base" in stderr and "`nexttools fit`" in stderr
-    out = (
-        workdir
-        / f"extrapolated-alpha1.5{'' if document['method'] == 'next' else '-' + document['method']}-base"
-    )
+    document = json.loads(stdout)  # a LoRA run is written to resume in place
+    assert document["format"] == "base" and "--format base" in stderr
+    out = workdir / "extrapolated-alpha1.5-base"
     manifest = verify_output(out)
     assert json.loads(stdout)["out"] == str(out) and manifest.base.id is None
     assert manifest.command == shlex.join(["nexttools", *args])  # the real command line, as typed
@@ -485,7 +484,7 @@ def _expect_error(args: list[str], match: str, monkeypatch, capsys) -> str:
         (["--alpha", "-0.5"], "--alpha must be"),
         (["--alpha", "nan"], "--alpha must be"),
         (["--max-shard-size", "big"], "cannot read the size"),
-        (["--alpha", "1e30", "--dtype", "float16", "--force"], "non-finite values"),
+        (["--alpha", "1e30", "--dtype", "float16", "--force", "--method", "next"], "non-finite values"),
     ],
 )
 def test_bad_options_exit_2_and_leave_nothing(
@@ -502,7 +501,8 @@ def test_existing_output_is_refused_unless_overwrite(
     out = tmp_path / "out"
     extrapolate(_options(lora_workdir, out, alpha=0.5))
     before = verify_output(out)
-    _expect_error(["--workdir", str(lora_workdir), "--out", str(out)], "--overwrite", monkeypatch, capsys)
+    common = ["--workdir", str(lora_workdir), "--out", str(out), "--method", "next"]
+    _expect_error([*common, "--format", "merged", "--force"], "--overwrite", monkeypatch, capsys)
     assert verify_output(out) == before
     extrapolate(_options(lora_workdir, out, alpha=1.0, overwrite=True))
     assert verify_output(out).alpha == 1.0 and sorted(tmp_path.iterdir()) == [out]
@@ -571,7 +571,8 @@ def slow_submit(self, *args, **kwargs):
     time.sleep(0.2)
 writer.ShardedWriter._submit = slow_submit
 extrapolate(ExtrapolateOptions(workdir=Path({str(lora_workdir)!r}), out=Path({str(out)!r}),
-                               max_shard_size=50_000, device="cpu", base_model_id="org/tiny"))
+                               max_shard_size=50_000, device="cpu", base_model_id="org/tiny",
+                               method="next", alpha=1.5, format="merged", force=True))
 """
     process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.DEVNULL)
     try:

@@ -231,7 +231,7 @@ def test_json_document_and_table(curved_store: Path, tmp_path: Path, capsys, mon
     assert isinstance(predictor["train_loss"], float) and predictor["train_loss"] > 0
     assert json.loads((tmp_path / "predictor.json").read_text())["backtest"] == backtest
     # the human output is on stderr: the table and the verdict
-    assert "rank-1 back-test (store only) on the last 2 target row(s)" in err
+    assert "rank-1 back-test (store only) on the last 2 target row(s)" in " ".join(err.split())
     assert "overall" in err and "gate_proj" in err
     # a synthetic store has no run files behind it: no full-space figures, and it says so
     assert backtest["skill"] is None and "full-space back-test was skipped" in err

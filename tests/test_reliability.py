@@ -410,7 +410,7 @@ def test_interrupted_commands_leave_nothing(run: DemoRun, tmp_path: Path, capsys
     args = {
         "extract": ["extract", str(run.run), "--base", str(run.base), "--k", "2", *common],
         "fit": ["fit", *common, "--epochs", "1000000"],
-        "extrapolate": ["extrapolate", *common, "--max-shard-size", "50KB"],
+        "extrapolate": ["extrapolate", *common, "--max-shard-size", "50KB", "--method", "next", "--force"],
     }[command]
     code, err = _signal_run(args, command, sig, tmp_path.parent / f"{tmp_path.name}-started")
     expected = 130 if sig == signal.SIGINT else 143
@@ -435,7 +435,7 @@ def test_kill_9_mid_command_is_survived(run: DemoRun, tmp_path: Path, capsys, mo
     args = {
         "extract": ["extract", str(run.run), "--base", str(run.base), "--k", "2", *common],
         "fit": ["fit", *common, "--epochs", "1000000"],
-        "extrapolate": ["extrapolate", *common, "--max-shard-size", "50KB"],
+        "extrapolate": ["extrapolate", *common, "--max-shard-size", "50KB", "--method", "next", "--force"],
     }[command]
     code, _ = _signal_run(args, command, signal.SIGKILL, tmp_path.parent / f"{tmp_path.name}-started")
     assert code == -signal.SIGKILL

@@ -12,6 +12,7 @@ from rich.table import Table
 from nexttools.advisor import BacktestOptions, Verdict, backtest
 from nexttools.cli import cli
 from nexttools.cli.options import declared
+from nexttools.cli.tables import diverging
 from nexttools.console import console
 from nexttools.verdict import MIN_WORTH
 from nexttools.workdir import Workdir
@@ -70,7 +71,7 @@ def _jump_table(verdict: Verdict) -> Table:
         f"(≥ means a lower bound; under {MIN_WORTH} does not pay)",
         title_justify="left",
     )
-    for column in ("method", "α", "score", "steps claimed", "steps worth", "worth"):
+    for column in ("method", "α", "score", "steps\nclaimed", "steps\nworth", "worth"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in verdict.results:
         bound = "≥ " if r.lower_bound else ""
@@ -80,8 +81,8 @@ def _jump_table(verdict: Verdict) -> Table:
             f"{r.alpha:g}",
             f"{r.score:.4g}",
             f"{r.claimed_steps:.0f}",
-            f"{bound}{r.steps_worth:.1f}",
-            f"{bound}{r.worth:.2f}",
+            f"{bound}{r.steps_worth:.1f}" if r.worth >= -1 else "–",
+            f"{bound}{diverging(r.worth, 2)}",
             style="bold green" if chosen else None,
         )
     return table

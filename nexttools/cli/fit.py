@@ -11,6 +11,7 @@ from rich.table import Table
 
 from nexttools.cli import cli
 from nexttools.cli.options import declared
+from nexttools.cli.tables import diverging, method_header
 from nexttools.console import console
 from nexttools.fit import FitOptions, FitResult, fit
 from nexttools.methods import METHODS
@@ -45,11 +46,11 @@ def skill_table(result: FitResult) -> Table:
     scores = backtest.skill
     alpha = next((s.alpha for s in scores.values() if s is not None), math.nan)
     return _method_table(
-        f"full-space back-test on the last {backtest.holdout_rows} checkpoint(s) with a known "
-        f"future: skill S at α={alpha:g}, and α*",
-        "S  α*",
+        f"parameter space: the full-space back-test on the last {backtest.holdout_rows} checkpoint(s) "
+        f"with a known future, skill S at α={alpha:g} (< −1: diverges) over α*",
+        "S\nα*",
         {
-            name: {kind: f"{s.skill[kind]:.3f}  {s.alpha_star[kind]:.2f}" for kind in s.skill}
+            name: {kind: f"{diverging(s.skill[kind])}\n{s.alpha_star[kind]:.2f}" for kind in s.skill}
             for name, s in scores.items()
             if s is not None
         },
@@ -60,11 +61,11 @@ def backtest_table(result: FitResult) -> Table:
     """Cosine and σ error of every method, per module kind and overall (σ-weighted means)."""
     backtest = result.backtest
     return _method_table(
-        f"rank-1 back-test (store only) on the last {backtest.holdout_rows} target row(s), "
-        f"trained on {backtest.train_rows}",
-        "cosine  σ err",
+        f"parameter space: the rank-1 back-test (store only) on the last {backtest.holdout_rows} "
+        f"target row(s), trained on {backtest.train_rows}: cosine over σ error",
+        "cos\nσ err",
         {
-            name: {kind: f"{s.cosine[kind]:.3f}  {s.sigma_rel_err[kind]:5.1%}" for kind in s.cosine}
+            name: {kind: f"{s.cosine[kind]:.3f}\n{s.sigma_rel_err[kind]:.1%}" for kind in s.cosine}
             for name, s in backtest.methods.items()
             if s is not None
         },
@@ -75,9 +76,9 @@ def _method_table(title: str, heading: str, cells: dict[str, dict[str, str]]) ->
     """Methods as columns (every registered one; "n/a" where not scored), module kinds as rows, the
     "overall" row last and bold. ``cells``: method -> kind -> formatted figures."""
     table = Table(title=title, title_justify="left")
-    table.add_column("module")
+    table.add_column("module\n" + heading.replace("\n", " / "))
     for method in METHODS:
-        table.add_column(f"{method}\n{heading}", justify="right")
+        table.add_column(method_header(method), justify="right")
     kinds = list(dict.fromkeys(kind for by_kind in cells.values() for kind in by_kind if kind != "overall"))
     for kind in [*kinds, "overall"]:
         row = [cells.get(method, {}).get(kind, "n/a") for method in METHODS]

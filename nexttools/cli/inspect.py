@@ -12,6 +12,7 @@ from rich.table import Table
 
 from nexttools.cli import cli
 from nexttools.cli.options import declared
+from nexttools.cli.tables import diverging, method_header
 from nexttools.console import console
 from nexttools.inspect_run import Inspection, InspectOptions, inspect
 
@@ -31,6 +32,8 @@ def inspect_command(as_json: bool, **values: Any) -> None:
         console.print(_energy_table(inspection))
     console.print(_r2_table(inspection))
     console.print(_kind_table(inspection))
+    if inspection.skill:
+        console.print(_skill_table(inspection))
     if options.plot is not None:
         from nexttools.plots import write_plot
 
@@ -73,13 +76,10 @@ def _r2_table(inspection: Inspection) -> Table:
 
 
 def _kind_table(inspection: Inspection) -> Table:
-    table = Table(title="per module kind", title_justify="left")
+    table = Table(title="consistency per module kind", title_justify="left")
     table.add_column("module")
-    table.add_column("median R²", justify="right")
-    table.add_column("lag-1 cosine", justify="right")
-    table.add_column("straightness", justify="right")
-    for method in inspection.skill:
-        table.add_column(f"S {method}", justify="right")
+    for header in ("median\nR²", "lag-1\ncosine", "straight-\nness"):
+        table.add_column(header, justify="right")
     kinds = list(dict.fromkeys(inspection.kinds))
     r2 = np.array(inspection.r2)
     for kind in [*kinds, "overall"]:
@@ -97,6 +97,17 @@ def _kind_table(inspection: Inspection) -> Table:
             _figure(cosine),
             _figure(straight),
         ]
-        cells += [_figure(skill.get(kind, math.nan)) for skill in inspection.skill.values()]
+        table.add_row(kind, *cells, style="bold" if kind == "overall" else None)
+    return table
+
+
+def _skill_table(inspection: Inspection) -> Table:
+    """``fit``'s full-space skill S per module kind and method (parameter space)."""
+    table = Table(title="fit's skill S per module kind (parameter space)", title_justify="left")
+    table.add_column("module")
+    for method in inspection.skill:
+        table.add_column(method_header(method), justify="right")
+    for kind in [*dict.fromkeys(inspection.kinds), "overall"]:
+        cells = [diverging(skill.get(kind, math.nan)) for skill in inspection.skill.values()]
         table.add_row(kind, *cells, style="bold" if kind == "overall" else None)
     return table
