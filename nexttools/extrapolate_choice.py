@@ -19,8 +19,10 @@ folder, else ``merged``; one line says which and why.
 - With neither, the user must choose (``UserError`` naming the three ways).
 
 **The jump-size guard.** A jump whose Frobenius norm exceeds :data:`MAX_JUMP_RATIO` of its module's
-base weight norm is refused unless ``--force``; the measured jumps it is set from are in
-``docs/methods.md``.
+base weight norm is refused unless ``--force``. Measured (README, "Quick start"): on the TRL
+example's real GRPO run at step 150 every method's jump moves a module by at most 1.9 % of its norm
+at α = 1.5 and 3.9 % at α = 3; the diverging ``next`` jumps reported on tiny real runs moved modules
+by 5.7–9.7× their norm. 0.5 lies an order of magnitude from both.
 """
 
 from __future__ import annotations
