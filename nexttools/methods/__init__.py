@@ -8,10 +8,12 @@ from nexttools.methods.factor_linear import FactorLinear
 from nexttools.methods.last_interval import LastInterval
 from nexttools.methods.linear_rank1 import LinearRank1
 from nexttools.methods.next import NExt
+from nexttools.methods.relex import Relex
 from nexttools.methods.rl_extra import RLExtra
 
 METHODS: dict[str, Method] = {
-    method.name: method for method in (NExt(), LastInterval(), RLExtra(), LinearRank1(), FactorLinear())
+    method.name: method
+    for method in (NExt(), LastInterval(), RLExtra(), LinearRank1(), FactorLinear(), Relex())
 }
 """Every ``--method``, in the order the CLI, the back-test and the docs list them."""
 
