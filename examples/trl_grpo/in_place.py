@@ -61,7 +61,7 @@ def full_arms() -> list[Arm]:
     """Every arm of issue 13: no jump, oracle, next at three α, the four other methods at two."""
     arms = [Arm("in-place", None), Arm("in-place", "oracle", ORACLE_ALPHA)]
     arms += [Arm("in-place", "next", a) for a in (0.5, 1.0, 1.5)]
-    for method in ("last-interval", "rl-extra", "linear-rank1", "factor-linear"):
+    for method in ("last-interval", "rl-extra", "linear-rank1", "factor-linear", "relex"):
         output = "checkpoint" if method == "factor-linear" else "base"
         arms += [Arm("in-place", method, a, output) for a in (1.0, 1.5)]
     return [*arms, Arm("restart", None, output="merged"), Arm("restart", "next", 1.5, output="merged")]
@@ -77,6 +77,19 @@ class Advisor:
 
 REDUCED_ADVISOR = Advisor(alphas=(1.0, 1.5), methods=("next", "last-interval", "factor-linear"))
 """`make example`'s advisor: 6 jumps instead of 25 (each evaluation is a subprocess, ≈ 8 s here)."""
+
+
+def relex_arms() -> list[Arm]:
+    """RELEX beside the arms it is compared with: no jump, oracle, next and factor-linear at α = 1.5,
+    relex at α = 1 and 1.5 (in place)."""
+    return [
+        Arm("in-place", None),
+        Arm("in-place", "oracle", ORACLE_ALPHA),
+        Arm("in-place", "next", 1.5),
+        Arm("in-place", "factor-linear", 1.5, "checkpoint"),
+        Arm("in-place", "relex", 1.0),
+        Arm("in-place", "relex", 1.5),
+    ]
 
 
 def reduced_arms() -> list[Arm]:

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import torch
 
-from examples.trl_grpo.in_place import REDUCED_ADVISOR, Advisor, Arm, full_arms, reduced_arms, run_seed
+from examples.trl_grpo.in_place import (
+    REDUCED_ADVISOR,
+    Advisor,
+    Arm,
+    full_arms,
+    reduced_arms,
+    relex_arms,
+    run_seed,
+)
 from examples.trl_grpo.pretrain import pretrain
 from examples.trl_grpo.regime import REGIMES, Regime
 from examples.trl_grpo.task import make_split
@@ -43,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--regime", choices=list(REGIMES), default="sharpening")
     parser.add_argument("--budget", type=int, default=400, help="S, vanilla RL steps (a multiple of 40)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--arms", choices=["full", "reduced"], default="full")
+    parser.add_argument("--arms", choices=["full", "reduced", "relex"], default="full")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)"
     )
@@ -81,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--budget must be a positive multiple of 40, got {args.budget}")
     torch.set_num_threads(args.threads)
     regime = REGIMES[args.regime]
-    arms = full_arms() if args.arms == "full" else reduced_arms()
-    advisor = Advisor() if args.arms == "full" else REDUCED_ADVISOR
+    arms = {"full": full_arms, "reduced": reduced_arms, "relex": relex_arms}[args.arms]()
+    advisor = REDUCED_ADVISOR if args.arms == "reduced" else Advisor()
     split = make_split()
     start = start_model(args.out, regime)
     documents = [
