@@ -58,6 +58,8 @@ from nexttools.workdir import Workdir
 from nexttools.worth import RealCurve
 
 DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
+DEFAULT_ORIGINS = 3
+"""Origins per back-test: one refit and one set of jumps each (the real checkpoints' scores are cached)."""
 _SHARD_SIZE = 5 * 10**9
 
 
@@ -82,7 +84,14 @@ class BacktestOptions:
     workdir: Path = workdir_option()
     store: Path | None = store_option()
     origin: int | None = option(
-        None, "Step of the checkpoint to jump from [default: k checkpoints before the last].", kind="step"
+        None,
+        "Step of the latest checkpoint to jump from [default: k checkpoints before the last].",
+        kind="step",
+    )
+    origins: int = option(
+        DEFAULT_ORIGINS,
+        "Origins to jump from, ⌈k/2⌉ checkpoints apart, ending at --origin: worth is their mean ± sd.",
+        kind="count",
     )
     alphas: tuple[float, ...] = option(DEFAULT_ALPHAS, "α to try (repeat the option).", flag="--alpha")
     methods: tuple[str, ...] = option(
@@ -110,8 +119,26 @@ class JumpWorth:
 
 
 @dataclass(frozen=True)
+class Spread:
+    """One (method, α) over every origin it jumped from: worth's mean, sample sd (0 for one origin)
+    and minimum, and the mean real steps it was worth."""
+
+    method: str
+    alpha: float
+    origins: int
+    worth_mean: float
+    worth_sd: float
+    worth_min: float
+    steps_worth_mean: float
+    claimed_steps: float
+    lower_bound: bool
+
+
+@dataclass(frozen=True)
 class Verdict:
-    """The back-test's result (the ``backtest --json`` document is :meth:`document`)."""
+    """The back-test's result (the ``backtest --json`` document is :meth:`document`). ``results`` and
+    ``real`` are those of the latest origin (``origin_step``); ``spreads`` are over ``origin_steps``;
+    the recommendation is made from the spreads."""
 
     origin_step: int
     k: int
@@ -122,10 +149,16 @@ class Verdict:
     skipped: dict[str, str] = field(default_factory=dict)
     evaluated: int = 0
     cached: int = 0
+    origin_steps: tuple[int, ...] = ()
+    spreads: list[Spread] = field(default_factory=list)
+    per_origin: dict[int, list[JumpWorth]] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
         return {
             "origin_step": self.origin_step,
+            "origin_steps": list(self.origin_steps),
+            "spreads": [asdict(s) for s in self.spreads],
+            "per_origin": {str(step): [asdict(r) for r in rows] for step, rows in self.per_origin.items()},
             "k": self.k,
             "results": [asdict(r) for r in self.results],
             "real": [{"step": step, "score": score} for step, score in self.real],
@@ -177,22 +210,68 @@ def backtest(options: BacktestOptions) -> Verdict:
     return verdict
 
 
+def origin_rows(steps: np.ndarray, k: int, origin: int | None, count: int) -> list[int]:
+    """Up to ``count`` origin rows, ⌈k/2⌉ checkpoints apart, ending at :func:`origin_row` (earliest
+    first); an origin needs a checkpoint before it, so fewer may come back on a short run."""
+    last = origin_row(steps, k, origin)
+    spacing = max(1, math.ceil(k / 2))
+    return sorted({last - j * spacing for j in range(count) if last - j * spacing >= 1} | {last})
+
+
 def _backtest(options: BacktestOptions, store: TrajectoryStore, methods: list[Method]) -> Verdict:
     trajectory = Trajectory.from_store(store)
     run = OpenedRun(store, trajectory)
-    k, steps = run.k, run.steps
-    o = origin_row(steps, k, options.origin)
-    origin = run.up_to(o)
-    for row in range(o + 1):
-        origin.checkpoint(row)  # every file the jumps read is checked before the first evaluation
-    # The real checkpoints first: a broken eval command fails before the predictor is refit.
-    real_rows = list(range(o, run.rows))
+    origins = origin_rows(run.steps, run.k, options.origin, options.origins)
+    for row in range(origins[-1] + 1):
+        run.checkpoint(row)  # every file the jumps read is checked before the first evaluation
+    # The real checkpoints first (every origin's curve): a broken eval fails before any refit.
+    real_rows = list(range(origins[0], run.rows))
     real_scores, evaluated, cached = _score_all(
-        options, [(f"checkpoint step {steps[r]}", *_unchanged(run.up_to(r))) for r in real_rows]
+        options, [(f"checkpoint step {run.steps[r]}", *_unchanged(run.up_to(r))) for r in real_rows]
     )
-    real = [(int(steps[r]), score) for r, score in zip(real_rows, real_scores, strict=True)]
-    curve = RealCurve.of([s for s, _ in real], real_scores)
+    score_of = dict(zip(real_rows, real_scores, strict=True))
+    per_origin: dict[int, list[JumpWorth]] = {}
+    skipped: dict[str, str] = {}
+    for o in origins:
+        results, origin_skipped, counts = _from_origin(options, run, trajectory, o, methods, score_of)
+        per_origin[int(run.steps[o])] = results
+        for name, why in origin_skipped.items():  # the first origin that could not try it says why
+            skipped.setdefault(name, f"from step {run.steps[o]}: {why}" if len(origins) > 1 else why)
+        evaluated, cached = evaluated + counts[0], cached + counts[1]
+    spreads = spread_over_origins(per_origin)
+    recommendation, reason = recommend(spreads)
+    latest = origins[-1]
+    real = [(int(run.steps[r]), score_of[r]) for r in range(latest, run.rows)]
+    return Verdict(
+        int(run.steps[latest]),
+        run.k,
+        per_origin[int(run.steps[latest])],
+        real,
+        recommendation,
+        reason,
+        skipped,
+        evaluated,
+        cached,
+        tuple(per_origin),
+        spreads,
+        per_origin,
+    )
 
+
+def _from_origin(
+    options: BacktestOptions,
+    run: OpenedRun,
+    trajectory: Trajectory,
+    o: int,
+    methods: list[Method],
+    score_of: dict[int, float],
+) -> tuple[list[JumpWorth], dict[str, str], tuple[int, int]]:
+    """Every (method, α) jump from origin row ``o``, scored and read off the real curve from ``o``."""
+    steps = run.steps
+    origin = run.up_to(o)
+    curve = RealCurve.of(
+        [int(steps[r]) for r in range(o, run.rows)], [score_of[r] for r in range(o, run.rows)]
+    )
     skipped: dict[str, str] = {}
     predictor = None
     if any(m.needs_predictor for m in methods):
@@ -213,17 +292,41 @@ def _backtest(options: BacktestOptions, store: TrajectoryStore, methods: list[Me
             ]
         except UserError as error:
             skipped[method.name] = str(error)
-    scores, jump_evaluated, jump_cached = _score_all(
-        options, [(f"{name} at α={alpha:g}", origin, jump) for name, alpha, jump in jumps]
+    scores, evaluated, cached = _score_all(
+        options,
+        [(f"{name} at α={alpha:g} from step {steps[o]}", origin, jump) for name, alpha, jump in jumps],
     )
     results = []
     for (name, alpha, jump), score in zip(jumps, scores, strict=True):
         claimed = jump.target_step - float(steps[o])
         worth_steps, bound = curve.steps_to_reach(score)
         results.append(JumpWorth(name, alpha, score, claimed, worth_steps, worth_steps / claimed, bound))
-    recommendation, reason = recommend(results)
-    counts = (evaluated + jump_evaluated, cached + jump_cached)
-    return Verdict(int(steps[o]), k, results, real, recommendation, reason, skipped, *counts)
+    return results, skipped, (evaluated, cached)
+
+
+def spread_over_origins(per_origin: dict[int, list[JumpWorth]]) -> list[Spread]:
+    """Each (method, α)'s worth over the origins that scored it, in the order first seen."""
+    grouped: dict[tuple[str, float], list[JumpWorth]] = {}
+    for results in per_origin.values():
+        for r in results:
+            grouped.setdefault((r.method, r.alpha), []).append(r)
+    spreads = []
+    for (method, alpha), rows in grouped.items():
+        worths = [r.worth for r in rows]
+        spreads.append(
+            Spread(
+                method,
+                alpha,
+                len(rows),
+                float(np.mean(worths)),
+                float(np.std(worths, ddof=1)) if len(rows) > 1 else 0.0,
+                float(min(worths)),
+                float(np.mean([r.steps_worth for r in rows])),
+                float(np.mean([r.claimed_steps for r in rows])),
+                any(r.lower_bound for r in rows),
+            )
+        )
+    return spreads
 
 
 def _unchanged(run: OpenedRun) -> tuple[OpenedRun, Jump]:
@@ -302,20 +405,30 @@ def _check_space(folder: Path, needed: int) -> None:
         )
 
 
-def recommend(results: list[JumpWorth]) -> tuple[tuple[str, float] | None, str]:
-    """The recommended (method, α) and one line saying why (module docstring), or None: do not jump."""
-    if not results:
+def recommend(spreads: list[Spread]) -> tuple[tuple[str, float] | None, str]:
+    """The recommended (method, α) and one line saying why, or None: do not jump.
+
+    The rule: among the (method, α) worth at least :data:`MIN_WORTH` of the steps they claim **from
+    every origin** (their minimum, so one lucky origin cannot carry a jump), the one worth the most
+    real steps on average (ties: the higher mean worth). With one origin this is the plain rule.
+    """
+    if not spreads:
         return None, "no method could jump from the origin"
-    best = max(results, key=lambda r: r.worth)
-    paying = [r for r in results if r.worth >= MIN_WORTH]
+    best = max(spreads, key=lambda s: s.worth_mean)
+    paying = [s for s in spreads if s.worth_min >= MIN_WORTH]
+    origins = max(s.origins for s in spreads)
+    where = "" if origins == 1 else f" from every one of {origins} origins"
     if not paying:
+        spread = "" if best.origins == 1 else f" ± {best.worth_sd:.2f}, at worst {best.worth_min:.2f}"
         return None, (
-            f"no jump was worth half the steps it claimed: the best, {best.method} at α={best.alpha:g}, "
-            f"was worth {best.worth:.2f} ({best.steps_worth:.0f} of {best.claimed_steps:.0f} steps)"
+            f"no jump was worth half the steps it claimed{where}: the best, {best.method} at "
+            f"α={best.alpha:g}, was worth {best.worth_mean:.2f}{spread} "
+            f"({best.steps_worth_mean:.0f} of {best.claimed_steps:.0f} steps)"
         )
-    chosen = max(paying, key=lambda r: (r.steps_worth, r.worth))
+    chosen = max(paying, key=lambda s: (s.steps_worth_mean, s.worth_mean))
     bound = "at least " if chosen.lower_bound else ""
+    spread = "" if chosen.origins == 1 else f" ± {chosen.worth_sd:.2f} over {chosen.origins} origins"
     return (chosen.method, chosen.alpha), (
-        f"{chosen.method} at α={chosen.alpha:g} was worth {bound}{chosen.steps_worth:.0f} real steps of the "
-        f"{chosen.claimed_steps:.0f} it claimed (worth {bound}{chosen.worth:.2f})"
+        f"{chosen.method} at α={chosen.alpha:g} was worth {bound}{chosen.steps_worth_mean:.0f} real steps "
+        f"of the {chosen.claimed_steps:.0f} it claimed (worth {bound}{chosen.worth_mean:.2f}{spread})"
     )

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from examples.demo_run import DemoRun, build_demo_run
-from nexttools.advisor import BacktestOptions, JumpWorth, backtest, recommend
+from nexttools.advisor import (
+    BacktestOptions,
+    JumpWorth,
+    backtest,
+    origin_rows,
+    recommend,
+    spread_over_origins,
+)
 from nexttools.extract import ExtractOptions, extract
 from nexttools.extrapolate import ExtrapolateOptions, extrapolate
 from nexttools.fit import FitOptions, fit
@@ -98,10 +105,35 @@ def test_recommendation_prefers_the_most_real_steps_among_jumps_that_pay() -> No
     def worth(method: str, alpha: float, steps: float, claimed: float, bound: bool = False) -> JumpWorth:
         return JumpWorth(method, alpha, 0.0, claimed, steps, steps / claimed, bound)
 
+    def one(results: list[JumpWorth]) -> list:
+        return spread_over_origins({100: results})
+
     results = [worth("a", 1, 50, 50), worth("b", 3, 90, 150), worth("c", 2, 50, 100, bound=True)]
-    assert recommend(results)[0] == ("b", 3)
-    assert recommend([worth("a", 1, 20, 50)])[0] is None
-    assert "the best, a at α=1, was worth 0.40" in recommend([worth("a", 1, 20, 50)])[1]
+    assert recommend(one(results))[0] == ("b", 3)
+    assert recommend(one([worth("a", 1, 20, 50)]))[0] is None
+    assert "the best, a at α=1, was worth 0.40" in recommend(one([worth("a", 1, 20, 50)]))[1]
+
+
+def test_a_recommendation_must_pay_from_every_origin() -> None:
+    """b pays more on average, but one origin of three gave it 0.2: a is the robust choice."""
+
+    def worth(method: str, steps: float) -> JumpWorth:
+        return JumpWorth(method, 1.0, 0.0, 50.0, steps, steps / 50.0, False)
+
+    per_origin = {
+        80: [worth("a", 30), worth("b", 50)],
+        100: [worth("a", 32), worth("b", 10)],
+        120: [worth("a", 28), worth("b", 50)],
+    }
+    spreads = {s.method: s for s in spread_over_origins(per_origin)}
+    assert spreads["b"].worth_mean == pytest.approx(110 / 150) and spreads["b"].worth_min == pytest.approx(
+        0.2
+    )
+    assert spreads["a"].worth_sd == pytest.approx(float(np.std([0.6, 0.64, 0.56], ddof=1)))
+    choice, reason = recommend(list(spreads.values()))
+    assert choice == ("a", 1.0) and "over 3 origins" in reason
+    assert origin_rows(np.arange(10, 160, 10), 5, None, 3) == [3, 6, 9]  # ⌈5/2⌉ = 3 apart
+    assert origin_rows(np.arange(10, 80, 10), 5, None, 3) == [1]  # a short run: the one origin it has
 
 
 def test_a_linear_run_is_worth_a_jump(linear_run: tuple[DemoRun, Path]) -> None:
@@ -119,12 +151,21 @@ def test_a_linear_run_is_worth_a_jump(linear_run: tuple[DemoRun, Path]) -> None:
         assert by[(method, 1.0)].worth == pytest.approx(1.0, abs=0.01), method
         assert by[(method, 0.5)].worth == pytest.approx(1.0, abs=0.01) and not by[(method, 0.5)].lower_bound
         assert by[(method, 2.0)].lower_bound and by[(method, 2.0)].worth == pytest.approx(0.5)
-    assert verdict.recommendation is not None and verdict.recommendation[1] == 1.0
-    assert by[verdict.recommendation].worth > 0.99
+    # three origins (rows 1, 3, 5 of a k=3 run: steps 30, 50, 70); from the earlier ones α = 2 lands
+    # inside the real run, fully measured: on a linear run it pays from every origin
+    assert verdict.origin_steps == (30, 50, 70) and set(verdict.per_origin) == {30, 50, 70}
+    spreads = {(s.method, s.alpha): s for s in verdict.spreads}
+    assert verdict.recommendation is not None and verdict.recommendation[0] in (
+        "last-interval",
+        "rl-extra",
+        "factor-linear",
+    )
+    assert spreads[verdict.recommendation].worth_min >= 0.5 and spreads[verdict.recommendation].origins == 3
     assert not list(workdir.glob(".backtest-*"))  # every scratch model is gone
 
     saved = json.loads(Workdir(workdir).verdict.read_text())
     assert set(saved) >= {"origin_step", "results", "real", "recommendation", "store_fingerprint", "eval_cmd"}
+    assert {"method", "alpha", "worth_mean", "worth_sd", "worth_min", "origins"} <= set(saved["spreads"][0])
     assert {"method", "alpha", "score", "worth"} <= set(saved["results"][0])
 
     again = backtest(
@@ -132,7 +173,7 @@ def test_a_linear_run_is_worth_a_jump(linear_run: tuple[DemoRun, Path]) -> None:
             eval_cmd=_eval_cmd(run.base.parent / "future.safetensors"), workdir=workdir, device="cpu"
         )
     )
-    assert again.evaluated == 0 and again.cached == len(verdict.results) + len(verdict.real)
+    assert again.evaluated == 0 and again.cached == verdict.evaluated + verdict.cached
     assert again.document()["results"] == verdict.document()["results"]
 
 

@@ -24,10 +24,11 @@ from nexttools.workdir import Workdir
 def backtest_command(as_json: bool, **values: Any) -> None:
     """Say whether to jump, how far and with which method, scored by your own eval.
 
-    From an earlier checkpoint (--origin), using only what the run knew then, every method jumps at
-    every α; each jump and each real checkpoint after the origin is written merged into a scratch
-    folder, scored by --eval-cmd and deleted. A jump's worth is the real steps it matched divided by
-    the steps it claims (1 perfect, 0 useless, negative harmful).
+    From earlier checkpoints (--origins of them, ending at --origin), using only what the run knew
+    then, every method jumps at every α; each jump and each real checkpoint after the origin is
+    written merged into a scratch folder, scored by --eval-cmd and deleted. A jump's worth is the real
+    steps it matched divided by the steps it claims (1 perfect, 0 useless, negative harmful); it is
+    recommended only if it is worth at least 0.5 from every origin.
 
     \b
     Example:
@@ -37,6 +38,8 @@ def backtest_command(as_json: bool, **values: Any) -> None:
     verdict = backtest(options)
     console.print(_real_table(verdict))
     console.print(_jump_table(verdict))
+    if len(verdict.origin_steps) > 1:
+        console.print(_spread_table(verdict))
     for name, reason in verdict.skipped.items():
         console.print(f"{name}: not tried ({escape(reason)})", soft_wrap=True)
     if verdict.recommendation is None:
@@ -83,6 +86,26 @@ def _jump_table(verdict: Verdict) -> Table:
             f"{r.claimed_steps:.0f}",
             f"{bound}{r.steps_worth:.1f}" if r.worth >= -1 else "–",
             f"{bound}{diverging(r.worth, 2)}",
+            style="bold green" if chosen else None,
+        )
+    return table
+
+
+def _spread_table(verdict: Verdict) -> Table:
+    steps = ", ".join(str(s) for s in verdict.origin_steps)
+    table = Table(title=f"worth over the origins (steps {steps})", title_justify="left")
+    for column in ("method", "α", "steps\nclaimed", "steps\nworth", "worth\nmean ± sd", "worth\nmin"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for s in verdict.spreads:
+        chosen = verdict.recommendation == (s.method, s.alpha)
+        bound = "≥ " if s.lower_bound else ""
+        table.add_row(
+            s.method,
+            f"{s.alpha:g}",
+            f"{s.claimed_steps:.0f}",
+            f"{bound}{s.steps_worth_mean:.1f}" if s.worth_mean >= -1 else "–",
+            f"{diverging(s.worth_mean, 2)} ± {s.worth_sd:.2f}" if s.worth_mean >= -1 else "< −1",
+            diverging(s.worth_min, 2),
             style="bold green" if chosen else None,
         )
     return table
