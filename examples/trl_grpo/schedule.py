@@ -19,7 +19,12 @@ checkpoint:
     with the same seed before and after, so the comparison is paired) does not drop. Greedy accuracy
     would not do: the sharpening regime's start model is already right under greedy decoding (0.995
     on these prompts), and what RL changes is the sampled distribution;
-  - ``fl2-every30``: the aggressive schedule, α = 2 every 30 steps from 60, with and without the gate.
+  - ``fl2-every30``: the aggressive schedule, α = 2 every 30 steps from 60, with and without the gate;
+  - ``regrounding-50``: periodic re-grounding as RLVR-Linearity v3 defines it (arXiv 2601.04537v3):
+    an RL segment of 50 steps (fresh LoRA, fresh optimizer), then W = W_0 + (t/s)·ΔW with t/s = 2
+    (``rl-extra`` at α = 1: k = 5 checkpoints of 10 steps ahead), written merged, and the next
+    segment restarts from it, until the goal or 400 RL steps. Each segment draws its prompts with
+    the seed plus the round, so no segment replays the last one's batches.
 
 Reported per arm (mean ± sd over seeds): the RL steps to reach vanilla@250's and vanilla@400's avg@8
 (vanilla's isotonic fit at 250 and 400), the saving against 250 and 400, the jumps kept, and the
@@ -34,6 +39,7 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +75,7 @@ ARMS = [
     ScheduleArm("fl1.5-every50+gate", 100, 50, 1.5, gate=True),
     ScheduleArm("fl2-every30", 60, 30, 2.0),
     ScheduleArm("fl2-every30+gate", 60, 30, 2.0, gate=True),
+    ScheduleArm("regrounding-50", 50, 50, 1.0, method="regrounding"),
 ]
 
 
@@ -121,8 +128,8 @@ def run_seed(
     def save() -> None:
         path.write_text(json.dumps(results, indent=1))
 
-    def score(adapter: Path | None) -> list[float]:
-        policy = load_policy(start, adapter)
+    def score(adapter: Path | None, model_dir: Path = start) -> list[float]:
+        policy = load_policy(model_dir, adapter)
         return [
             sampled_accuracy(policy, tokenizer, split.heldout),
             accuracy(policy, tokenizer, split.heldout),
@@ -150,6 +157,10 @@ def run_seed(
             continue
         points = results["curves"].get(arm.name)
         if points and points[-1][1] >= goal:
+            continue
+        if arm.method == "regrounding":
+            _regrounding(arm, seed_dir / "arms" / arm.name, start, split, regime, seed, score, goal, results)
+            save()
             continue
         out = seed_dir / "arms" / arm.name
         run, work = out / "run", out / "nexttools-run"
@@ -185,6 +196,66 @@ def run_seed(
     return results
 
 
+def _regrounding(
+    arm: ScheduleArm,
+    out: Path,
+    start: Path,
+    split: Split,
+    regime: Regime,
+    seed: int,
+    score: Callable[..., list[float]],
+    goal: float,
+    results: dict,
+) -> None:
+    """Periodic re-grounding (module docstring): segments of ``arm.every`` RL steps, each followed by
+    ``rl-extra`` at ``arm.alpha`` written merged, on which the next segment restarts. Resumable by
+    round (a round cut short is redone)."""
+    from nexttools.extract import ExtractOptions, extract
+    from nexttools.extrapolate import ExtrapolateOptions, extrapolate
+
+    segment = arm.every or CHUNK
+    points = results["curves"].get(arm.name) or [[0, *score(None)]]
+    results["seconds"].setdefault(arm.name, 0.0)
+    results["jumps"].setdefault(arm.name, [])
+    model, done = start, 0
+    for round_ in range(BUDGET // segment):
+        folder = out / f"round-{round_}"
+        jumped = folder / "model"
+        if done + segment <= points[-1][0] and jumped.is_dir():  # finished before a resume
+            model, done = jumped, done + segment
+            continue
+        if done >= BUDGET or points[-1][1] >= goal:
+            break
+        log(f"seed {seed}: {arm.name}: round {round_}, RL steps {done} -> {done + segment}")
+        shutil.rmtree(folder, ignore_errors=True)
+        results["seconds"][arm.name] += train_grpo(
+            model, folder / "run", split.train, steps=segment, save_every=EVERY, seed=seed + round_,
+            settings=regime.settings,
+        )  # fmt: skip
+        points = [p for p in points if p[0] <= done]
+        points += [
+            [done + s, *score(folder / "run" / f"checkpoint-{s}", model)]
+            for s in range(EVERY, segment + 1, EVERY)
+        ]
+        done += segment
+        if points[-1][1] >= goal or done >= BUDGET:
+            results["curves"][arm.name] = points
+            break
+        started = time.monotonic()
+        extract(ExtractOptions(run=folder / "run", base=str(model), workdir=folder / "work", k=5))
+        extrapolate(
+            ExtrapolateOptions(
+                workdir=folder / "work", method="rl-extra", alpha=arm.alpha, format="merged", out=jumped
+            )
+        )
+        results["jumps"][arm.name].append(
+            {"step": done, "kept": True, "seconds_update": time.monotonic() - started, "seconds_jump": 0.0}
+        )
+        points.append([done, *score(None, jumped)])  # the re-grounded model, before its segment
+        model = jumped
+        results["curves"][arm.name] = points
+
+
 # -------------------------------------------------------------------------------------------------
 # The report.
 
@@ -201,7 +272,8 @@ def arm_metrics(document: dict, arm: ScheduleArm) -> dict:
     at250, at400 = float(fitted[steps.index(250)]), float(fitted[-1])
     points = document["curves"][arm.name]
     jumps = document["jumps"].get(arm.name, [])
-    trained = points[-1][0] - (arm.start - EVERY)
+    shared = 0 if arm.method == "regrounding" else arm.start - EVERY  # steps copied from vanilla
+    trained = points[-1][0] - shared
     rl_step = document["seconds"][arm.name] / max(trained, 1)
     jump_seconds = [j["seconds_update"] + j["seconds_jump"] for j in jumps]
     reach250, reach400 = first_step(points, at250), first_step(points, at400)
