@@ -9,6 +9,7 @@ folders, and never unpickle the optimizer or ``data.pt`` files (planted with a p
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -185,3 +186,27 @@ def test_damaged_verl_checkpoints_are_one_line(tmp_path: Path, capsys, monkeypat
     (actor / "fsdp_config.json").write_text(json.dumps({**config, "world_size": 10**9}))
     code, _, err = invoke(args, capsys, monkeypatch)  # refused before naming 10**9 files
     assert_one_line_error(code, err, "world_size 1000000000, and 2 rank files are there")
+    (actor / "fsdp_config.json").write_text(json.dumps(config))
+    (actor / "lora_train_meta.json").write_text(
+        json.dumps({"r": 3, "lora_alpha": 12, "task_type": "CAUSAL_LM"})
+    )
+
+    # A rank file whose tensors are not what its mesh and shapes say (written by the test: trusted here).
+    import torch.distributed.tensor  # DTensor as a weights-only global
+
+    rank1 = actor / "model_world_size_2_rank_1.pt"
+    original = rank1.read_bytes()
+    state = torch.load(rank1, weights_only=True)
+    key = next(k for k in state if "lora_A" in k)
+    state[key] = "not a tensor"
+    torch.save(state, rank1)
+    code, _, err = invoke(args, capsys, monkeypatch)
+    assert_one_line_error(code, err, "is not a DTensor holding a local tensor")
+    state = torch.load(io.BytesIO(original), weights_only=True)
+    local = state[key]._local_tensor
+    state[key]._local_tensor = torch.cat([local, local])  # one more row than the global shape has
+    torch.save(state, rank1)
+    code, _, err = invoke(args, capsys, monkeypatch)
+    assert_one_line_error(code, err, "not its global")
+    rank1.write_bytes(original)
+    assert invoke(args, capsys, monkeypatch)[0] == 0
