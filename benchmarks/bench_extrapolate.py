@@ -40,6 +40,7 @@ def main(workdir: Path) -> dict:
             copied.unlink()
         out = scratch / "merged"
         options = ["--alpha", "1.5", "--out", str(out), "--max-shard-size", SHARD, "--device", "cpu"]
+        options += ["--method", "next", "--format", "merged", "--force"]  # the same work as every bench run
         child = run_child(["extrapolate", "--workdir", str(workdir), *options, "--json"])
         written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     finally:

@@ -70,7 +70,8 @@ def main() -> dict:
         for f in files:
             (scratch / f.name).unlink()
         out = scratch / "merged"
-        args = ["--method", "last-interval", "--alpha", "1.5", "--out", str(out), "--device", "cpu"]
+        args = ["--method", "last-interval", "--alpha", "1.5", "--format", "merged", "--out", str(out)]
+        args += ["--device", "cpu"]
         extrapolate = run_child(["extrapolate", "--workdir", str(workdir), *args])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

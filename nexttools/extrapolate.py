@@ -71,7 +71,9 @@ class ExtrapolateOptions:
         "What is written (listed below).  [default: in place: base (LoRA), checkpoint, else merged]",
         choices=tuple(OUTPUTS),
     )
-    force: bool = option(False, "Write a jump larger than half its module's weight norm.")
+    force: bool = option(
+        False, "Skip the check that refuses a jump larger than half its module's weight norm."
+    )
     out: Path | None = option(
         None, "Output folder.  [default: <workdir>/extrapolated-alpha{α}[-{method}][-{format}]]"
     )

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from nexttools.console import console, warn
+from nexttools.console import console
 from nexttools.errors import UserError
 from nexttools.lowrank import LowRankFactors
 from nexttools.methods import METHODS
@@ -154,11 +154,11 @@ def _in_place(run: OpenedRun, method: str, notes: list[str]) -> str:
 
 
 def check_jump_size(run: OpenedRun, method: str, jump: Jump, *, force: bool) -> list[str]:
-    """Refuse (unless ``force``) a jump whose ‖α·T̂‖_F exceeds :data:`MAX_JUMP_RATIO` of its module's
-    ‖W_0‖_F; with ``force``, warn and return the warning. One module at a time, float64 norms; it
-    reads the base's trained modules once more. A ``measured`` method (α times a change the run
-    made) cannot diverge and is not checked."""
-    if METHODS[method].measured:
+    """Refuse a jump whose ‖α·T̂‖_F exceeds :data:`MAX_JUMP_RATIO` of its module's ‖W_0‖_F. One module
+    at a time, float64 norms; it reads the base's trained modules once more, so ``force`` skips it
+    (and a ``measured`` method, α times a change the run made, cannot diverge and is not checked).
+    Returns the warnings to record (none: the check refuses or passes)."""
+    if force or METHODS[method].measured:
         return []
     worst_name, worst = "", 0.0
     for name in run.modules:
@@ -172,14 +172,11 @@ def check_jump_size(run: OpenedRun, method: str, jump: Jump, *, force: bool) -> 
             break
     if worst <= MAX_JUMP_RATIO:
         return []
-    message = (
+    raise UserError(
         f"the jump moves {worst_name} by {worst:.3g}× its own weight norm (limit {MAX_JUMP_RATIO:g}): "
-        "a jump this large is a diverging prediction, not the run's motion"
+        "a jump this large is a diverging prediction, not the run's motion; check `nexttools fit`'s "
+        "back-test, or pass --force to write it anyway"
     )
-    if not force:
-        raise UserError(f"{message}; check `nexttools fit`'s back-test, or pass --force to write it anyway")
-    warn(message)
-    return [message]
 
 
 def _frobenius(change: LowRankFactors | torch.Tensor) -> float:
