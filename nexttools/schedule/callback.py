@@ -200,9 +200,12 @@ def _check_single_process(args: TrainingArguments) -> None:
 def _keep_in_checkpoint(model: torch.nn.Module, checkpoint: Path, kept_as: Path) -> None:
     """Keep ``checkpoint``'s weight files in ``kept_as/``, then save the jumped model into it."""
     kept_as.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors"):
-        if (checkpoint / name).is_file():
-            shutil.copyfile(checkpoint / name, kept_as / name)
+    weights = [p for pattern in ("*.safetensors", "*.bin", "*.index.json") for p in checkpoint.glob(pattern)]
+    for path in weights:  # the adapter, or a full model's shards and index; not the optimizer's files
+        if path.name not in ("training_args.bin",) and not path.name.startswith(
+            ("optimizer", "scheduler", "rng")
+        ):
+            shutil.copyfile(path, kept_as / path.name)
     save = getattr(model, "save_pretrained", None)
     if save is None:
         raise UserError("JumpCallback: the model has no save_pretrained; a jump cannot be written")
