@@ -220,6 +220,9 @@ def workdir(run: DemoRun, tmp_path: Path, capsys, monkeypatch) -> Path:
             id="short-steps",
         ),
         pytest.param(
+            lambda f: f.create_dataset("checkpoints/jumped", data=np.zeros(2, dtype=bool)), id="short-jumped"
+        ),
+        pytest.param(
             lambda f: (
                 f.__delitem__("global/sigma"),
                 f.create_dataset("global/sigma", data=np.zeros((4, 3), np.float32)),

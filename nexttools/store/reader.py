@@ -49,7 +49,7 @@ class TrajectoryStore:
         self.jumped: np.ndarray = (
             np.zeros(len(self.steps), dtype=bool)
             if jumped is None
-            else np.asarray(jumped, dtype=bool).reshape(-1)
+            else np.asarray(jumped).astype(bool).reshape(-1)
         )
         """bool ``(C,)``: the checkpoint holds a jump made while training (all False in older stores)."""
         self.modules: list[str] = _strings(file["modules/name"])
@@ -67,6 +67,7 @@ class TrajectoryStore:
         for name, length in (
             ("checkpoints/path", len(self.checkpoint_paths)),
             ("checkpoints/fingerprint", len(self.fingerprints)),
+            ("checkpoints/jumped", len(self.jumped)),
         ):
             if length != count:
                 raise ValueError(f"{name} has {length} rows for {count} checkpoints")
