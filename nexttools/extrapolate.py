@@ -267,6 +267,7 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
             run,
             verdict,
             recorded_backtest(options.workdir, store),
+            out_dtype,
         )
         method, output = get_method(choice.method), get_output(choice.format)
         warnings = [*choice.notes, *_alpha_warning(choice.alpha)]

@@ -81,9 +81,11 @@ def choose(
     run: OpenedRun,
     verdict: dict[str, Any] | None,
     fit_record: dict[str, Any] | None,
+    dtype: torch.dtype | None = None,
 ) -> Choice:
     """The (method, α, format) to write for the explicit ``method``/``alpha``/``output`` (None: not
-    given), this ``run``, its saved ``verdict`` and ``fit``'s back-test record (module docstring)."""
+    given), this ``run``, its saved ``verdict`` and ``fit``'s back-test record (module docstring);
+    ``dtype`` is ``--dtype``, which an in-place output must be able to keep."""
     notes: list[str] = []
     if method is None and alpha is None and verdict is not None:
         recommendation = verdict.get("recommendation")
@@ -97,7 +99,7 @@ def choose(
     alpha = DEFAULT_ALPHA if alpha is None else alpha
     if method is None:
         method = _from_fit(run, alpha, fit_record, notes)
-    format_name = output or _in_place(run, method, notes)
+    format_name = output or _in_place(run, method, dtype, notes)
     for note in notes:
         console.print(note, soft_wrap=True, highlight=False)
     return Choice(method, alpha, format_name, tuple(notes))
@@ -133,11 +135,11 @@ def _from_fit(run: OpenedRun, alpha: float, fit_record: dict[str, Any] | None, n
     return best
 
 
-def _in_place(run: OpenedRun, method: str, notes: list[str]) -> str:
+def _in_place(run: OpenedRun, method: str, dtype: torch.dtype | None, notes: list[str]) -> str:
     """``base`` for a LoRA run, ``checkpoint`` for a resumable full-weight one, else ``merged``."""
     wanted = "base" if run.kind == "lora" else "checkpoint"
     try:
-        get_output(wanted).check(run, METHODS[method], None)
+        get_output(wanted).check(run, METHODS[method], dtype)
     except UserError as why:
         notes.append(f"--format merged (a restart: it loses steps against resuming in place): {why}")
         return "merged"
