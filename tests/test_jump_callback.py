@@ -49,6 +49,7 @@ class Probe(TrainerCallback):
     def __init__(self) -> None:
         self.lora: dict[int, dict[str, torch.Tensor]] = {}
         self.optimizer: dict[int, list[dict[str, Any]]] = {}
+        self.rng: dict[int, torch.Tensor] = {}
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
         self.lora[state.global_step] = {
@@ -57,6 +58,7 @@ class Probe(TrainerCallback):
             for side, tensor in zip("AB", pair, strict=True)
         }
         self.optimizer[state.global_step] = copy.deepcopy(list(optimizer.state.values()))
+        self.rng[state.global_step] = torch.get_rng_state()
 
 
 def _trainer(base: Path, out: Path, steps: int, callbacks: list[TrainerCallback]) -> Trainer:
@@ -176,11 +178,15 @@ def test_the_checkpoint_holds_the_jump_and_a_resume_jumps_again(base: Path, tmp_
 
 def test_the_gate_reverts_a_jump_that_lowers_the_score(base: Path, tmp_path: Path) -> None:
     scores = iter([1.0, 0.5])  # before, after: the jump hurt
+
+    def gate(model: torch.nn.Module) -> float:
+        torch.manual_seed(12345)  # a gate that samples and seeds, as an eval does
+        torch.rand(3)
+        return next(scores)
+
     probe = Probe()
     trainer = _trainer(base, tmp_path / "run", 4, [])
-    JumpCallback(tmp_path / "work", every=4, start=4, base=str(base), gate=lambda model: next(scores)).attach(
-        trainer
-    )
+    JumpCallback(tmp_path / "work", every=4, start=4, base=str(base), gate=gate).attach(trainer)
     trainer.add_callback(probe)
     before = Probe()
     trainer.callback_handler.callbacks.insert(0, before)
@@ -190,6 +196,7 @@ def test_the_gate_reverts_a_jump_that_lowers_the_score(base: Path, tmp_path: Pat
     for name, tensor in before.lora[4].items():
         assert torch.equal(tensor, probe.lora[4][name]), name  # reverted bit for bit
     assert not (tmp_path / "work" / "jumps").exists()
+    assert torch.equal(before.rng[4], probe.rng[4])  # the gate's seeding did not touch the run's stream
 
 
 def test_a_run_that_jumped_twice_is_one_trajectory(

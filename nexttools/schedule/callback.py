@@ -33,12 +33,14 @@ processes, and the jump would have to be gathered and broadcast; use the offline
 from __future__ import annotations
 
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -163,11 +165,17 @@ class JumpCallback(TrainerCallback):
             return None
         was_training = model.training
         model.eval()
+        # The gate may sample (and seed): the run's own random streams are put back afterwards, so a
+        # gated run whose jumps are all reverted is the ungated run, draw for draw.
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
-            with torch.no_grad():
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
                 score = float(self.gate(model))
         finally:
             model.train(was_training)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
         if not math.isfinite(score):
             raise UserError(f"JumpCallback: the gate returned {score}, not a finite score")
         return score
