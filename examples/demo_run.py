@@ -101,6 +101,33 @@ def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tens
     return q
 
 
+def _rotating_factors(
+    u_basis: torch.Tensor,
+    v_basis: torch.Tensor,
+    rank: int,
+    step: int,
+    tau: float,
+    omega: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical (B ``(out, rank)``, A ``(rank, in)``), float64, at ``step``: the dominant direction
+    (u0, u1 / v0, v1 planes) rotates at ``omega`` rad/step with magnitude ``scale``·(1 − e^{−step/τ});
+    two weaker directions (u2, u3) grow linearly."""
+    angle = omega * step
+    magnitude = scale * (1.0 - math.exp(-step / tau))
+    u = math.cos(angle) * u_basis[:, 0] + math.sin(angle) * u_basis[:, 1]
+    v = math.cos(0.7 * angle) * v_basis[:, 0] + math.sin(0.7 * angle) * v_basis[:, 1]
+    weak = 0.15 * scale * step / 150.0
+    cols_b = [magnitude * u, weak * u_basis[:, 2], 0.5 * weak * u_basis[:, 3]]
+    rows_a = [v, v_basis[:, 2], v_basis[:, 3]]
+    b = torch.zeros(u_basis.shape[0], rank, dtype=torch.float64)
+    a = torch.zeros(rank, v_basis.shape[0], dtype=torch.float64)
+    for j, (col, row) in enumerate(zip(cols_b, rows_a, strict=True)):
+        if j < rank:
+            b[:, j], a[j] = col, row
+    return b, a
+
+
 def trajectory_factors(
     shape: tuple[int, int], rank: int, step: int, generator_seed: int, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,18 +144,7 @@ def trajectory_factors(
     scale = 0.02 + 0.02 * torch.rand((), generator=g).item()
 
     mix_seed = int(torch.randint(0, 2**31 - 1, (), generator=g))
-    angle = omega * step
-    magnitude = scale * (1.0 - math.exp(-step / tau))
-    u = math.cos(angle) * u_basis[:, 0] + math.sin(angle) * u_basis[:, 1]
-    v = math.cos(0.7 * angle) * v_basis[:, 0] + math.sin(0.7 * angle) * v_basis[:, 1]
-    weak = 0.15 * scale * step / 150.0
-    cols_b = [magnitude * u, weak * u_basis[:, 2], 0.5 * weak * u_basis[:, 3]]
-    rows_a = [v, v_basis[:, 2], v_basis[:, 3]]
-    b = torch.zeros(out_dim, rank, dtype=torch.float64)
-    a = torch.zeros(rank, in_dim, dtype=torch.float64)
-    for j, (col, row) in enumerate(zip(cols_b, rows_a, strict=True)):
-        if j < rank:
-            b[:, j], a[j] = col, row
+    b, a = _rotating_factors(u_basis, v_basis, rank, step, tau, omega, scale)
     # Non-canonical factors, as an optimiser leaves them: B M, M⁻¹ A with a well-conditioned M.
     mixer = torch.Generator().manual_seed(mix_seed + step)
     m = torch.eye(rank, dtype=torch.float64) + 0.3 * torch.randn(
@@ -153,18 +169,7 @@ def steady_factors(
     omega = 0.0005 + 0.001 * torch.rand((), generator=g).item()
     scale = 0.05 + 0.05 * torch.rand((), generator=g).item()
     drift = 0.05 * torch.randn(rank, rank, generator=g, dtype=torch.float64)
-    angle = omega * step
-    magnitude = scale * (1.0 - math.exp(-step / tau))
-    u = math.cos(angle) * u_basis[:, 0] + math.sin(angle) * u_basis[:, 1]
-    v = math.cos(0.7 * angle) * v_basis[:, 0] + math.sin(0.7 * angle) * v_basis[:, 1]
-    weak = 0.15 * scale * step / 150.0
-    cols_b = [magnitude * u, weak * u_basis[:, 2], 0.5 * weak * u_basis[:, 3]]
-    rows_a = [v, v_basis[:, 2], v_basis[:, 3]]
-    b = torch.zeros(out_dim, rank, dtype=torch.float64)
-    a = torch.zeros(rank, in_dim, dtype=torch.float64)
-    for j, (col, row) in enumerate(zip(cols_b, rows_a, strict=True)):
-        if j < rank:
-            b[:, j], a[j] = col, row
+    b, a = _rotating_factors(u_basis, v_basis, rank, step, tau, omega, scale)
     m = torch.eye(rank, dtype=torch.float64) + drift * (step / 150.0)
     return (b @ m) / scaling, torch.linalg.solve(m, a)
 

@@ -117,6 +117,17 @@ def target_step(steps: np.ndarray, k: int, alpha: float) -> float:
     return float(steps[-1]) + alpha * k * checkpoint_spacing(steps, k)
 
 
+def line_window(run: OpenedRun, method: str) -> list[int]:
+    """The rows a method fitting a line in the step reads: the last k+1 checkpoints (all of them on a
+    shorter run, at least 2), each checked against its fingerprint now, before anything is written."""
+    if run.rows < 2:
+        raise UserError(f"{method} fits a line through the checkpoints and needs at least 2")
+    rows = list(range(max(0, run.rows - 1 - run.k), run.rows))
+    for row in rows:
+        run.checkpoint(row)
+    return rows
+
+
 def rank1_change(run: OpenedRun, arrays: DeltaArrays, alpha: float) -> Callable[[str], LowRankFactors]:
     """α σ̂ û v̂ᵀ per module from 1-D rank-1 ``arrays``, û and v̂ renormalised; a zero σ̂ → rank 0.
 

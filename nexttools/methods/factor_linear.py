@@ -24,7 +24,7 @@ import torch
 from nexttools.checkpoints.adapter import lora_delta
 from nexttools.errors import UserError
 from nexttools.lowrank import LowRankFactors
-from nexttools.methods.base import Jump, JumpRequest, Method, target_step
+from nexttools.methods.base import Jump, JumpRequest, Method, line_window, target_step
 from nexttools.run import OpenedRun
 
 
@@ -75,11 +75,7 @@ class FactorLinear(Method):
 
     def jump(self, request: JumpRequest) -> Jump:
         run = request.run
-        if run.rows < 2:
-            raise UserError("factor-linear fits a line through the checkpoints and needs at least 2")
-        rows = list(range(max(0, run.rows - 1 - run.k), run.rows))
-        for row in rows:
-            run.checkpoint(row)  # checked against its fingerprint now, before anything is written
+        rows = line_window(run, self.name)
         target = target_step(run.steps, run.k, request.alpha)
         line = _FactorLine(run, rows, target)
         return Jump(target_step=target, change=line.change, new_factors=line.new_factors)

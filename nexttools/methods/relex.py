@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from nexttools.checkpoints.weights import ModelWeights
-from nexttools.errors import UserError
-from nexttools.methods.base import Jump, JumpRequest, Method, target_step
+from nexttools.methods.base import Jump, JumpRequest, Method, line_window, target_step
 from nexttools.run import Change, OpenedRun
 
 _BLOCK_BYTES = 32 << 20  # per file, for a full-weight run's Gram
@@ -78,11 +77,7 @@ class Relex(Method):
 
     def jump(self, request: JumpRequest) -> Jump:
         run = request.run
-        if run.rows < 2:
-            raise UserError("relex fits a line through the checkpoints and needs at least 2")
-        rows = list(range(max(0, run.rows - 1 - run.k), run.rows))
-        for row in rows:
-            run.checkpoint(row)  # checked against its fingerprint now, before anything is written
+        rows = line_window(run, self.name)
         target = target_step(run.steps, run.k, request.alpha)
         steps = torch.tensor([float(run.steps[row]) for row in rows], dtype=torch.float64)
 
