@@ -13,7 +13,7 @@ echo "== nexttools extract"
 $NT extract demo-run/run --base demo-run/base --workdir demo-run/work
 echo "== nexttools fit (the predictor, and how well each method predicts in parameter space)"
 $NT fit --workdir demo-run/work
-echo "== nexttools backtest: which jump pays? Each method jumps from step 100; a toy eval scores it"
+echo "== nexttools backtest: which jump pays? Each method jumps from steps 40, 70, 100; a toy eval scores it"
 echo "   (closeness to the run at step 200; your own eval on a real run)"
 $NT backtest --workdir demo-run/work \
     --eval-cmd ".venv/bin/python examples/toy_eval.py {model} demo-run/future.safetensors"
