@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nexttools.base_shifts import BaseShifts
 from nexttools.checkpoints.discover import discover_checkpoints
 from nexttools.consistency import Consistency, consistency, gram_lags
 from nexttools.console import progress, warn
@@ -36,7 +37,7 @@ from nexttools.errors import UserError
 from nexttools.extract_plan import Plan, plan_rows
 from nexttools.extract_ranks import ModuleResult, module_results
 from nexttools.extract_sources import ModuleWindow, Source, open_source
-from nexttools.jump_record import kept_steps
+from nexttools.jump_record import jumped_steps
 from nexttools.lowrank import Rank1, align_sign
 from nexttools.options import argument, device_option, option, store_option, workdir_option
 from nexttools.ranks import Ranks, joined, together
@@ -161,7 +162,8 @@ def _extract(options: ExtractOptions, ranks: Ranks) -> ExtractSummary:
     only rank 0 creates folders, holds the lock and writes (:mod:`nexttools.ranks`)."""
     with together(ranks):
         refs = discover_checkpoints(Path(options.run), steps=options.steps, every=options.every)
-        source = open_source(refs, options.base, ranks.device)
+        shifts = BaseShifts.of_workdir(Path(options.workdir))
+        source = open_source(refs, options.base, ranks.device, shifts)
     fresh = StoreLayout(
         k=options.k,
         source=str(options.run),
@@ -176,7 +178,9 @@ def _extract(options: ExtractOptions, ranks: Ranks) -> ExtractSummary:
         shapes=tuple((int(o), int(i)) for o, i in source.shapes),
         ranks=tuple(source.ranks),
         carried=tuple(source.carried),
-        jumped=tuple(sorted(kept_steps(Path(options.workdir)) & {ref.step for ref in refs})),
+        jumped=tuple(sorted(jumped_steps(Path(options.workdir), [ref.step for ref in refs]))),
+        shift_steps=shifts.steps,
+        shift_paths=tuple(str(path.resolve()) for path in shifts.paths),
     )
     store_path = Path(options.store_path)
     created: list[Path] = []

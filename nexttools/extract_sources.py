@@ -7,6 +7,10 @@ folded in, in one :class:`~nexttools.lowrank.FactorWindow` per module (rank-1 an
 exact from the factors and their Gram blocks), or dense ΔW_i = W_i − W_0 in float32 on the device
 (full weights). Both answer the same four questions of held rows: :meth:`rank1`, :meth:`inner`,
 :meth:`energy`, and :meth:`drop` when no later row needs one.
+
+A LoRA run whose live jumps were folded into its frozen base (:mod:`nexttools.base_shifts`) has each
+checkpoint's shifts put beside its adapter's factors, so that every delta stays relative to W_0, and
+the shift files enter the fingerprint of every row they apply to.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from nexttools.base_shifts import BaseShifts
 from nexttools.checkpoints.adapter import AdapterCheckpoint, check_same_targets, open_adapter
 from nexttools.checkpoints.base import recorded_base, resolve_base
 from nexttools.checkpoints.discover import CheckpointRef
@@ -47,8 +52,15 @@ class LoraSource:
     run_kind: RunKind = "lora"
     reports_energy = True
 
-    def __init__(self, refs: Sequence[CheckpointRef], base_spec: str | None, device: torch.device) -> None:
+    def __init__(
+        self,
+        refs: Sequence[CheckpointRef],
+        base_spec: str | None,
+        device: torch.device,
+        shifts: BaseShifts,
+    ) -> None:
         self.device = device
+        self.shifts = shifts
         self.adapters: list[AdapterCheckpoint] = [open_adapter(ref) for ref in refs]
         check_same_targets(self.adapters)
         last = self.adapters[-1]
@@ -67,7 +79,9 @@ class LoraSource:
         self.scaling_rule = last.scaling_rule
         self.carried = sorted(last.carried)
         self.base_fingerprint = fingerprint(base.files)
-        self.fingerprints = [fingerprint(adapter.files) for adapter in self.adapters]
+        self.fingerprints = [
+            fingerprint([*adapter.files, *shifts.files_at(adapter.ref.step)]) for adapter in self.adapters
+        ]
 
     def window(self, name: str, slots: int) -> LoraWindow:
         """Module ``name``'s window, with room for ``slots`` held rows at once."""
@@ -82,8 +96,10 @@ class LoraWindow:
 
     def __init__(self, source: LoraSource, name: str, slots: int) -> None:
         rows, cols = source.shapes[source.modules.index(name)]
-        max_rank = max(adapter.modules[name].rank for adapter in source.adapters)
+        shifted = source.shifts.rank_at(source.adapters[-1].ref.step, name)  # the most: the last's
+        max_rank = max(adapter.modules[name].rank for adapter in source.adapters) + shifted
         self._adapters = source.adapters
+        self._shifts = source.shifts
         self._name = name
         self._factors = FactorWindow(rows, cols, max_rank, slots, source.device)
 
@@ -91,7 +107,8 @@ class LoraWindow:
         """Read checkpoint ``index``'s factors of this module and hold them as ``row``."""
         adapter = self._adapters[index]
         try:
-            self._factors.push(row, adapter.factors(self._name))
+            own = adapter.factors(self._name)
+            self._factors.push(row, self._shifts.delta_factors(adapter.ref.step, self._name, own))
         except NonFiniteFactors:
             tensors = self._name.removesuffix(".weight") + " (lora_A/lora_B)"
             raise non_finite(adapter.ref.path, adapter.ref.step, tensors) from None
@@ -214,8 +231,15 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.to(torch.float32), b.to(torch.float32))
 
 
-def open_source(refs: Sequence[CheckpointRef], base_spec: str | None, device: torch.device) -> Source:
-    """Open and validate every checkpoint (discovery already refused runs that mix the two kinds)."""
+def open_source(
+    refs: Sequence[CheckpointRef], base_spec: str | None, device: torch.device, shifts: BaseShifts
+) -> Source:
+    """Open and validate every checkpoint (discovery already refused runs that mix the two kinds).
+
+    ``shifts``: the run's base shifts (a full-weight run has none: its checkpoints hold the moved
+    weights themselves)."""
     if refs[0].kind == "lora":
-        return LoraSource(refs, base_spec, device)
+        return LoraSource(refs, base_spec, device, shifts)
+    if shifts:
+        raise UserError("the jump record keeps base shifts, which only a LoRA run has: is it this run's?")
     return FullSource(refs, base_spec, device)

@@ -22,14 +22,17 @@ from typing import Any
 import torch
 
 from nexttools import __version__
+from nexttools.base_shifts import save_shift
 from nexttools.card import write_model_card
 from nexttools.checkpoints.adapter import AdapterCheckpoint
 from nexttools.console import console, warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.extrapolate_choice import Choice, check_jump_size, choose
+from nexttools.jump_record import JumpEntry, record_jump
+from nexttools.lowrank import LowRankFactors
 from nexttools.manifest import BaseRecord, CheckpointRecord, Manifest, write_manifest
-from nexttools.methods import METHODS, JumpRequest, Method, get_method
+from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
 from nexttools.options import device_option, option, store_option, workdir_option
 from nexttools.outputs import OUTPUTS, OutputFormat, OutputPlan, OutputRequest, get_output
 from nexttools.predictor.saved import load_predictor, read_config, recorded_backtest
@@ -84,6 +87,11 @@ class ExtrapolateOptions:
         5 * 10**9, "Largest safetensors shard in bytes (5GB, 500MB, 2GiB...).", kind="size"
     )
     overwrite: bool = option(False, "Replace an existing nexttools output at --out.")
+    record: bool = option(
+        False,
+        "Record the jump in the workdir, for a run that resumes from this in-place output: its store "
+        "stays one trajectory (the offline loop, docs/jumping.md).",
+    )
     dry_run: bool = option(False, "Print what would be written (files, shards, bytes, dtype) and exit.")
     base_model_id: str | None = option(None, "Hub id of the base, for the model card's base_model.")
     workdir: Path = workdir_option()
@@ -241,6 +249,39 @@ def _manifest(
     )
 
 
+def _base_shifts(run: OpenedRun, jump: Jump) -> dict[str, LowRankFactors]:
+    """α·T̂ of every module, which ``--format base`` folded into the base (the shift to record)."""
+    shifts = {}
+    for name in run.modules:
+        change = jump.change(name)
+        assert isinstance(change, LowRankFactors), "a LoRA run's jump is low rank"
+        shifts[name] = change
+    return shifts
+
+
+def _record(
+    workdir: Path, run: OpenedRun, choice: Choice, target: float, shifts: dict[str, LowRankFactors]
+) -> None:
+    """Record the jump from the last checkpoint (and its base shift) for the resumed run's store."""
+    step = int(run.steps[-1])
+    if shifts:
+        save_shift(workdir, step, shifts)
+    entry = JumpEntry(
+        step=step,
+        method=choice.method,
+        alpha=choice.alpha,
+        target_step=target,
+        claimed_steps=target - step,
+        kept=True,
+        base_shift=bool(shifts),
+        in_checkpoint=False,
+    )
+    record_jump(workdir, entry)
+    console.print(
+        f"recorded the jump at step {step} in {Workdir(workdir).jumps}: resume the run from this output"
+    )
+
+
 def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
     """Write the extrapolated model of ``options`` (nothing with ``dry_run``); see the module docstring.
 
@@ -275,6 +316,11 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
         _check_run_kind(store.run_kind, method, output)
         check_destination(out, overwrite=options.overwrite)
         output.check(run, method, out_dtype)
+        if options.record and not output.resumes_in_place:
+            raise UserError(
+                f"--record is for an output the run resumes from in place (base, checkpoint); "
+                f"--format {output.name} starts another run"
+            )
         warnings += warn_if_judged(verdict, method.name, choice.alpha)
         predictor = load_predictor(Path(options.workdir), store) if method.needs_predictor else None
         jump = method.jump(JumpRequest(run=run, alpha=choice.alpha, predictor=predictor))
@@ -324,5 +370,8 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
                     for p in sorted(staging.rglob("*"))
                     if p.is_file()
                 }
+                shifts = _base_shifts(run, jump) if options.record and output.name == "base" else {}
+        if options.record:  # once the output is in place: a failed write records nothing
+            _record(Path(options.workdir), run, choice, jump.target_step, shifts)
     console.print(f"wrote {out} ({len(files)} files, {sum(files.values()) / 1e6:.1f} MB)")
     return replace(summary, files=files)

@@ -160,9 +160,8 @@ def _energy(store: TrajectoryStore) -> np.ndarray | None:
         run = OpenedRun(store)
         out = np.full((run.rows, len(run.modules)), np.nan)
         for row in range(run.rows):
-            adapter = run.adapter(row)
             for j, name in enumerate(run.modules):
-                out[row, j] = energy_ratio(adapter.factors(name))
+                out[row, j] = energy_ratio(run.factors(row, name))
     except UserError as error:
         warn(f"no energy ratio: it needs the run's LoRA checkpoints ({error})")
         return None

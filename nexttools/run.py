@@ -4,6 +4,8 @@
 so that each file is checked against the fingerprint ``extract`` recorded before a byte of output is
 written, and a method never needs to know whether the run is LoRA or full-weight: it asks for a linear
 combination of the run's deltas, Σ cᵢ ΔWᵢ, and gets factors (LoRA) or a dense tensor (full weights).
+A LoRA run's deltas include the base shifts of the jumps folded into its base while it trained
+(:mod:`nexttools.base_shifts`), so every ΔWᵢ is against the original base W_0.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nexttools.base_shifts import BaseShifts
 from nexttools.checkpoints.adapter import AdapterCheckpoint, open_adapter
 from nexttools.checkpoints.base import resolve_base
 from nexttools.checkpoints.discover import CheckpointRef
@@ -52,6 +55,7 @@ class OpenedRun:
             raise UserError(
                 f"the base model {self.base_path} changed since extraction: run `nexttools extract` again"
             )
+        self.shifts = BaseShifts.recorded(store.shift_steps, store.shift_paths)
         self._opened: dict[int, Checkpoint] = {}
         self._cache = _Cache(trajectory=trajectory)
         self._shapes = {
@@ -104,7 +108,7 @@ class OpenedRun:
         else:
             checkpoint = open_adapter(CheckpointRef(step=step, path=path, kind="lora", layout="adapter"))
         # The same file list ``extract`` fingerprinted, since both come from the opened checkpoint.
-        if fingerprint(checkpoint.files) != store.fingerprints[row]:
+        if fingerprint([*checkpoint.files, *self.shifts.files_at(step)]) != store.fingerprints[row]:
             raise UserError(
                 f"checkpoint {path} (step {step}) changed since extraction: run `nexttools extract` again"
             )
@@ -124,6 +128,17 @@ class OpenedRun:
         assert isinstance(checkpoint, AdapterCheckpoint), "a LoRA run's checkpoints are adapters"
         return checkpoint
 
+    def factors(self, row: int, name: str) -> LowRankFactors:
+        """ΔW_row of module ``name`` of a LoRA run against W_0: its base shifts beside its adapter's
+        factors (just the adapter's when the run folded no jump into its base)."""
+        step = int(self.steps[row])
+        return self.shifts.delta_factors(step, name, self.adapter(row).factors(name))
+
+    def shift(self, row: int, name: str) -> LowRankFactors | None:
+        """The base shift of module ``name`` in effect at checkpoint ``row`` (None: none), which the
+        base under that checkpoint's adapter holds."""
+        return self.shifts.at(int(self.steps[row]), name)
+
     def combination(self, name: str, coefficients: Mapping[int, float]) -> Change:
         """Σ cᵣ ΔW_r of module ``name`` over ``{row: cᵣ}`` (row −1, the base, has ΔW = 0).
 
@@ -132,7 +147,7 @@ class OpenedRun:
         """
         rows = {row: c for row, c in coefficients.items() if row >= 0 and c != 0.0}
         if self.kind == "lora":
-            factors = [self.adapter(row).factors(name) for row in rows]
+            factors = [self.factors(row, name) for row in rows]
             if not factors:
                 out_dim, in_dim = self._shapes[name]
                 return LowRankFactors(torch.zeros(out_dim, 0), torch.zeros(in_dim, 0))

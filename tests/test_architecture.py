@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ranks",
     ),
     ("checkpoints",),
-    ("lowrank", "dense_rank1"),
+    ("lowrank", "dense_rank1", "base_shifts"),
     ("store",),
     ("predictor", "run", "frobenius", "consistency", "worth", "evaluation", "verdict"),
     ("methods",),

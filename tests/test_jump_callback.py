@@ -5,6 +5,7 @@ of a run that jumped (one trajectory: every global delta against the dense W_i �
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,16 @@ def _pre_jump_run(jumped: dict[str, Any], step: int, out: Path) -> Path:
     return out
 
 
+def _remade(run: Path, base: Path, work: Path, k: int, method: str, alpha: float, form: str) -> Path:
+    """A jump remade offline from ``run`` as it stood: ``extract`` then ``extrapolate``; its output."""
+    extract(ExtractOptions(run=run, base=str(base), workdir=work, k=k))
+    out = work.parent / "out"
+    extrapolate(
+        ExtrapolateOptions(workdir=work, method=method, alpha=alpha, format=form, out=out, force=True)
+    )
+    return out
+
+
 def test_the_run_jumps_on_schedule_and_records_it(jumped: dict[str, Any]) -> None:
     entries = read_jumps(jumped["root"] / "work")
     assert [(e.step, e.method, e.alpha, e.kept) for e in entries] == [
@@ -129,14 +140,7 @@ def test_a_live_jump_equals_the_checkpoint_output(
     jumped: dict[str, Any], base: Path, tmp_path: Path, step: int
 ) -> None:
     run = _pre_jump_run(jumped, step, tmp_path / "run")
-    work = tmp_path / "work"
-    extract(ExtractOptions(run=run, base=str(base), workdir=work, k=5))
-    out = tmp_path / "out"
-    extrapolate(
-        ExtrapolateOptions(
-            workdir=work, method="factor-linear", alpha=1.5, format="checkpoint", out=out, force=True
-        )
-    )
+    out = _remade(run, base, tmp_path / "work", 5, "factor-linear", 1.5, "checkpoint")
     written = load_file(out / "adapter_model.safetensors")
     live = jumped["after"].lora[step]
     assert live.keys() and len(written) == len(live)
@@ -217,14 +221,20 @@ def test_a_run_that_jumped_twice_is_one_trajectory(
         for row, step in enumerate(store.steps):
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
             merged = PeftModel.from_pretrained(model, jumped["root"] / "run" / f"checkpoint-{step}")
-            weights = merged.merge_and_unload().state_dict()
-            for j, name in enumerate(store.modules):
-                dense = (weights[name] - w0[name]).double()
-                u_ref, s_ref, _ = torch.linalg.svd(dense)
-                sigma = float(glob.sigma[row, j])
-                assert sigma == pytest.approx(float(s_ref[0]), rel=1e-5, abs=1e-5), (step, name)
-                u = torch.from_numpy(glob.u[row, store.u_offset[j] : store.u_offset[j + 1]]).double()
-                assert abs(float(u @ u_ref[:, 0])) == pytest.approx(1.0, abs=1e-5), (step, name)
+            _assert_global_row(store, row, merged.merge_and_unload().state_dict(), w0)
+
+
+def _assert_global_row(
+    store: Any, row: int, weights: dict[str, torch.Tensor], w0: dict[str, torch.Tensor]
+) -> None:
+    """The store's global triple of every module at ``row`` is the top one of the dense W − W_0."""
+    glob = store.read("global")
+    for j, name in enumerate(store.modules):
+        u_ref, s_ref, _ = torch.linalg.svd((weights[name] - w0[name]).double())
+        where = (int(store.steps[row]), name)
+        assert float(glob.sigma[row, j]) == pytest.approx(float(s_ref[0]), rel=1e-5, abs=1e-5), where
+        u = torch.from_numpy(glob.u[row, store.u_offset[j] : store.u_offset[j + 1]]).double()
+        assert abs(float(u @ u_ref[:, 0])) == pytest.approx(1.0, abs=1e-5), where
 
 
 def test_what_a_live_jump_refuses(base: Path, tmp_path: Path) -> None:
@@ -232,11 +242,198 @@ def test_what_a_live_jump_refuses(base: Path, tmp_path: Path) -> None:
         JumpCallback(tmp_path, every=0, start=4)
     with pytest.raises(UserError, match="unknown method"):
         JumpCallback(tmp_path, every=4, start=4, method="bogus")
-    trainer = _trainer(base, tmp_path / "run", 4, [])
-    JumpCallback(tmp_path / "work", every=4, start=4, method="next", base=str(base)).attach(trainer)
-    with pytest.raises(UserError, match="must keep the adapter's rank"):
-        trainer.train()
     trainer = _trainer(base, tmp_path / "run2", 4, [])
     JumpCallback(tmp_path / "work2", every=3, start=4, base=str(base)).attach(trainer)
     with pytest.raises(UserError, match="multiples of save_steps"):
         trainer.train()
+
+
+class BaseProbe(TrainerCallback):
+    """The live merged weight W = base_layer.weight + s·B·A of every LoRA module, and its frozen base
+    weight, at every save (PEFT's own ``get_delta_weight``)."""
+
+    def __init__(self) -> None:
+        self.merged: dict[int, dict[str, torch.Tensor]] = {}
+        self.base: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs) -> None:
+        merged, base = {}, {}
+        for name, module in model.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                key = name.removeprefix("base_model.model.") + ".weight"
+                weight = module.base_layer.weight.detach().clone()
+                base[key] = weight
+                merged[key] = weight + module.get_delta_weight("default").detach()
+        self.merged[state.global_step], self.base[state.global_step] = merged, base
+
+
+@pytest.fixture(scope="module")
+def folded(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 10-step run whose jumps (last-interval, α 1) at steps 4 and 8 are folded into its base."""
+    root = tmp_path_factory.mktemp("folded")
+    before, after = BaseProbe(), BaseProbe()
+    callback = JumpCallback(
+        root / "work", every=4, start=4, method="last-interval", alpha=1.0, k=1, base=str(base)
+    )
+    trainer = _trainer(base, root / "run", 10, [before])
+    callback.attach(trainer)
+    trainer.add_callback(after)
+    trainer.train()
+    return {"root": root, "before": before, "after": after}
+
+
+def test_a_folded_jump_moves_the_base_as_the_base_output_does(
+    folded: dict[str, Any], base: Path, tmp_path: Path
+) -> None:
+    work = folded["root"] / "work"
+    entries = read_jumps(work)
+    assert [(e.step, e.method, e.kept, e.base_shift) for e in entries] == [
+        (4, "last-interval", True, True),
+        (8, "last-interval", True, True),
+    ]
+    for step in (4, 8):
+        assert (work / "jumps" / f"step-{step}" / "base-shift.safetensors").is_file()
+    # The jump at 8, remade offline from the run as it stood then: its base output is the live base.
+    run = tmp_path / "run"
+    for step in (2, 4, 6, 8):
+        shutil.copytree(folded["root"] / "run" / f"checkpoint-{step}", run / f"checkpoint-{step}")
+    offline = tmp_path / "work"
+    offline.mkdir()
+    shutil.copytree(work / "jumps", offline / "jumps")
+    record = json.loads((work / "jumps.json").read_text())
+    record["jumps"] = [entry for entry in record["jumps"] if entry["step"] == 4]
+    (offline / "jumps.json").write_text(json.dumps(record))
+    out = _remade(run, base, offline, 1, "last-interval", 1.0, "base")
+    written = load_file(out / "model.safetensors")
+    live, pre = folded["after"].base[8], folded["before"].base[8]
+    for name, tensor in live.items():
+        torch.testing.assert_close(tensor, written[name], rtol=0, atol=1e-5, msg=name)
+        assert not torch.equal(tensor, pre[name])  # it did move
+    with pytest.raises(UserError, match="folded jumps into its frozen base"):
+        extrapolate(
+            ExtrapolateOptions(
+                workdir=offline, method="factor-linear", alpha=1.0, format="checkpoint", out=tmp_path / "c"
+            )
+        )
+
+
+def test_a_run_whose_jumps_were_folded_is_one_trajectory(
+    folded: dict[str, Any], jumped: dict[str, Any], base: Path
+) -> None:
+    """Every global delta of the folded run is the dense live W_i − W_0 (shifts + s·B_i A_i), and the
+    rows before the first jump are those of a run that never jumped."""
+    work = folded["root"] / "work"
+    extract(ExtractOptions(run=folded["root"] / "run", base=str(base), workdir=work, k=1))
+    w0 = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    plain = jumped["root"] / "work" / "trajectory.h5"  # the factor-linear run: the same steps 0-4
+    with open_store(work / "trajectory.h5") as store, open_store(plain) as ref:
+        assert [int(s) for s in store.steps] == [2, 4, 6, 8, 10]
+        assert [int(s) for s, j in zip(store.steps, store.jumped, strict=True) if j] == [4, 8]
+        assert store.shift_steps == (4, 8)
+        glob, ref_glob = store.read("global"), ref.read("global")
+        assert torch.equal(torch.from_numpy(glob.sigma[0]), torch.from_numpy(ref_glob.sigma[0]))
+        for row, step in enumerate(store.steps):
+            _assert_global_row(store, row, folded["after"].merged[int(step)], w0)
+
+
+def test_every_output_of_a_folded_run_is_the_same_model(
+    folded: dict[str, Any], base: Path, tmp_path: Path
+) -> None:
+    """merged = the adapter output on W_0 = the run's last checkpoint on the base output (PEFT's merge)."""
+    work = folded["root"] / "work"
+    extract(ExtractOptions(run=folded["root"] / "run", base=str(base), workdir=work, k=1))
+    outputs = {}
+    for form in ("merged", "adapter", "base"):
+        outputs[form] = tmp_path / form
+        extrapolate(
+            ExtrapolateOptions(
+                workdir=work, method="last-interval", alpha=1.0, format=form, out=outputs[form], force=True
+            )
+        )
+    merged = AutoModelForCausalLM.from_pretrained(outputs["merged"], dtype=torch.float32).state_dict()
+    on_w0 = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), outputs["adapter"]
+    ).merge_and_unload()
+    on_new_base = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(outputs["base"], dtype=torch.float32),
+        folded["root"] / "run" / "checkpoint-10",
+    ).merge_and_unload()
+    live = folded["after"].merged[10]
+    for other in (on_w0.state_dict(), on_new_base.state_dict()):
+        for name, tensor in merged.items():
+            torch.testing.assert_close(other[name], tensor, rtol=0, atol=2e-5, msg=name)
+    for name in live:  # the jump is on top of the live weights at 10, not of the adapter alone
+        assert not torch.allclose(merged[name], live[name], atol=1e-6)
+
+
+def test_a_resumed_run_folds_its_kept_shifts_again(base: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    first, probe = _trainer(base, tmp_path / "run", 6, []), BaseProbe()
+    JumpCallback(work, every=4, start=4, method="rl-extra", alpha=1.0, k=1, base=str(base)).attach(first)
+    first.add_callback(probe)
+    first.train()
+    second, resumed = _trainer(base, tmp_path / "run", 8, []), BaseProbe()
+    JumpCallback(work, every=4, start=4, method="rl-extra", alpha=1.0, k=1, base=str(base)).attach(second)
+    second.callback_handler.callbacks.insert(0, resumed)  # before the callback's jump at 8
+    second.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert [(e.step, e.base_shift) for e in read_jumps(work)] == [(4, True), (8, True)]
+    for name, tensor in probe.base[6].items():  # the base the first run trained on after its jump
+        torch.testing.assert_close(resumed.base[8][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_next_schedule_refits_its_predictor_at_every_jump(base: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    trainer = _trainer(base, tmp_path / "run", 10, [])
+    JumpCallback(work, every=4, start=6, method="next", alpha=1.0, k=1, base=str(base)).attach(trainer)
+    trainer.train()
+    assert [(e.step, e.method, e.base_shift) for e in read_jumps(work)] == [
+        (6, "next", True),
+        (10, "next", True),
+    ]
+    config = json.loads((work / "predictor.json").read_text())
+    with open_store(work / "trajectory.h5") as store:
+        assert [int(s) for s in store.steps] == [2, 4, 6, 8, 10] and store.shift_steps == (6,)
+        assert config["store_fingerprint"] == store.fingerprint()  # trained on the store it jumped from
+
+
+def test_the_offline_loop_with_recorded_base_jumps_is_one_trajectory(base: Path, tmp_path: Path) -> None:
+    """Train, extract, `extrapolate --format base --record`, resume the run's own checkpoint on that
+    base, extract again: every global delta is the dense live W_i − W_0, the jump is marked in the
+    interval after it, and the next base output keeps the first shift."""
+    run, work = tmp_path / "run", tmp_path / "work"
+    _trainer(base, run, 6, []).train()
+    extract(ExtractOptions(run=run, base=str(base), workdir=work, k=1))
+    with open_store(work / "trajectory.h5") as store:
+        before = store.read("global")
+    first = tmp_path / "base-1"
+    options = {"workdir": work, "method": "last-interval", "alpha": 1.0, "format": "base", "force": True}
+    extrapolate(ExtrapolateOptions(**options, out=first, record=True))
+    (entry,) = read_jumps(work)
+    assert (entry.step, entry.base_shift, entry.in_checkpoint) == (6, True, False)
+
+    probe = BaseProbe()
+    resumed = _trainer(first, run, 10, [probe])
+    resumed.train(resume_from_checkpoint=str(run / "checkpoint-6"))
+    extract(ExtractOptions(run=run, base=str(base), workdir=work, k=1))
+    w0 = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    with open_store(work / "trajectory.h5") as store:
+        assert [int(s) for s in store.steps] == [2, 4, 6, 8, 10]
+        assert [int(s) for s, j in zip(store.steps, store.jumped, strict=True) if j] == [8]
+        assert store.shift_steps == (7,)
+        glob = store.read("global")
+        assert torch.equal(torch.from_numpy(glob.sigma[:3]), torch.from_numpy(before.sigma))
+        for row, step in ((3, 8), (4, 10)):
+            _assert_global_row(store, row, probe.merged[step], w0)
+
+    second, merged = tmp_path / "base-2", tmp_path / "merged"
+    extrapolate(ExtrapolateOptions(**options, out=second, record=True))
+    extrapolate(ExtrapolateOptions(**{**options, "format": "merged"}, out=merged))
+    assert [(e.step, e.in_checkpoint) for e in read_jumps(work)] == [(6, False), (10, False)]
+    on_second = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(second, dtype=torch.float32), run / "checkpoint-10"
+    ).merge_and_unload()
+    expected = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).state_dict()
+    for name, tensor in on_second.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=2e-5, msg=name)
+    with pytest.raises(UserError, match="--record is for an output the run resumes from"):
+        extrapolate(ExtrapolateOptions(**{**options, "format": "merged"}, out=tmp_path / "m2", record=True))

@@ -50,7 +50,9 @@ from examples.trl_grpo.grpo import train_grpo
 from examples.trl_grpo.regime import REGIMES, Regime
 from examples.trl_grpo.sweep import log, start_model
 from examples.trl_grpo.task import Split, make_split
+from nexttools.base_shifts import BaseShifts
 from nexttools.jump_record import read_jumps
+from nexttools.schedule.live import fold_shifts
 from nexttools.worth import RealCurve
 
 BUDGET, EVERY, CHUNK = 400, 10, 50
@@ -73,6 +75,8 @@ ARMS = [
     ScheduleArm("single-150", 150, None, 1.5),
     ScheduleArm("fl1.5-every50", 100, 50, 1.5),
     ScheduleArm("fl1.5-every50+gate", 100, 50, 1.5, gate=True),
+    ScheduleArm("next1.5-every50", 100, 50, 1.5, method="next"),
+    ScheduleArm("next1.5-every50+gate", 100, 50, 1.5, gate=True, method="next"),
     ScheduleArm("fl2-every30", 60, 30, 2.0),
     ScheduleArm("fl2-every30+gate", 60, 30, 2.0, gate=True),
     ScheduleArm("regrounding-50", 50, 50, 1.0, method="regrounding"),
@@ -128,8 +132,14 @@ def run_seed(
     def save() -> None:
         path.write_text(json.dumps(results, indent=1))
 
-    def score(adapter: Path | None, model_dir: Path = start) -> list[float]:
+    def score(adapter: Path | None, model_dir: Path = start, work: Path | None = None) -> list[float]:
+        """avg@8 and greedy accuracy of ``adapter`` on ``model_dir``, with the base shifts that the
+        arm's ``work`` kept up to the adapter's step folded in (the weights the run really had)."""
         policy = load_policy(model_dir, adapter)
+        if work is not None and adapter is not None:
+            shifts = BaseShifts.of_workdir(work)
+            step = int(adapter.name.split("-")[-1])
+            fold_shifts(policy, shifts, {s for s in shifts.steps if s <= step})
         return [
             sampled_accuracy(policy, tokenizer, split.heldout),
             accuracy(policy, tokenizer, split.heldout),
@@ -189,7 +199,9 @@ def run_seed(
                 resume_from=run / f"checkpoint-{last}", attach=[callback.attach],
             )  # fmt: skip
             results["seconds"][arm.name] += seconds
-            points += [[s, *score(run / f"checkpoint-{s}")] for s in range(last + EVERY, end + 1, EVERY)]
+            points += [
+                [s, *score(run / f"checkpoint-{s}", work=work)] for s in range(last + EVERY, end + 1, EVERY)
+            ]
             results["curves"][arm.name] = points
             results["jumps"][arm.name] = [entry.__dict__ for entry in read_jumps(work)]
             save()

@@ -32,7 +32,7 @@ def gram(run: OpenedRun, name: str, rows: list[int]) -> torch.Tensor:
     count = len(rows)
     out = torch.zeros(count, count, dtype=torch.float64)
     if run.kind == "lora":
-        factors = [run.adapter(row).factors(name) for row in rows]
+        factors = [run.factors(row, name) for row in rows]
         lefts = [f.left.double() for f in factors]
         rights = [f.right.double() for f in factors]
         for i in range(count):

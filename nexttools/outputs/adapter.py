@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,12 @@ def adapter_config(
 
 
 def jumped_adapter(
-    adapter: AdapterCheckpoint, jump: Jump, *, dtype: torch.dtype | None, base_id: str | None
+    adapter: AdapterCheckpoint,
+    jump: Jump,
+    shifts: Callable[[str], LowRankFactors | None],
+    *,
+    dtype: torch.dtype | None,
+    base_id: str | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The output adapter's tensors (key -> tensor, as PEFT saves them) and its ``adapter_config.json``.
 
@@ -117,17 +122,24 @@ def jumped_adapter(
         adapter: the run's last checkpoint (W_c = base + its LoRA delta).
         jump: α·T̂ of every module: appended as extra rank, or, when the method keeps the rank,
             its own (A', B') in place of the checkpoint's.
+        shifts: each module's base shift under the checkpoint (``OpenedRun.shift``; None: none),
+            appended as extra rank too, so that the adapter on the original base gives W_c + α·T̂.
         dtype: cast the floating tensors to this dtype (``--dtype``), or keep the checkpoint's.
         base_id: Hub id to record as ``base_model_name_or_path`` (None keeps the checkpoint's).
     """
     tensors = read_adapter_tensors(adapter.ref.path)
     added_ranks: dict[str, int] = {}
     for name, module in adapter.modules.items():
+        parts = [] if (shift := shifts(name)) is None else [shift]  # an adapter on W_0 carries them
         if jump.new_factors is not None:
             tensors[module.key_a], tensors[module.key_b] = jump.new_factors(name)
+        else:
+            jumped = jump.change(name)
+            assert isinstance(jumped, LowRankFactors), "a LoRA run's jump is low rank"
+            parts.append(jumped)
+        if not parts:
             continue
-        change = jump.change(name)
-        assert isinstance(change, LowRankFactors), "a LoRA run's jump is low rank"
+        change = LowRankFactors(torch.cat([p.left for p in parts], 1), torch.cat([p.right for p in parts], 1))
         if change.rank:
             added_ranks[name] = change.rank
             tensors[module.key_a], tensors[module.key_b] = extended_factors(
@@ -171,7 +183,13 @@ class Adapter(OutputFormat):
         run = request.run
         last = run.last
         assert isinstance(last, AdapterCheckpoint)
-        tensors, config = jumped_adapter(last, request.jump, dtype=request.dtype, base_id=request.base_id)
+        tensors, config = jumped_adapter(
+            last,
+            request.jump,
+            lambda name: run.shift(run.rows - 1, name),
+            dtype=request.dtype,
+            base_id=request.base_id,
+        )
         side = tokenizer_files(run.last_folder, run.base_path)
         dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
 

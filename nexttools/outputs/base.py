@@ -66,11 +66,14 @@ class OutputFormat(ABC):
         name: the ``--format`` value; ``suffix`` its part of the default folder name.
         summary: one sentence for ``--help`` and the docs.
         lora_only: refuse full-weight runs.
+        resumes_in_place: the run itself goes on from this output (its own checkpoint and optimizer),
+            so ``extrapolate --record`` may record the jump as part of the run.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     lora_only: ClassVar[bool] = False
+    resumes_in_place: ClassVar[bool] = False
 
     @property
     def suffix(self) -> str:

@@ -51,12 +51,19 @@ class TrainerCheckpoint(OutputFormat):
         "a copy of the run's last HF Trainer checkpoint whose trained tensors carry the jump, optimizer "
         "and trainer state kept (full-weight runs; LoRA runs with factor-linear)"
     )
+    resumes_in_place = True
 
     def weights(self, run_kind: str) -> Weights:
         return "adapter" if run_kind == "lora" else "model"
 
     def check(self, run: OpenedRun, method: Method, dtype: torch.dtype | None) -> None:
         folder = run.last_folder
+        if run.shifts:
+            raise UserError(
+                f"the run folded jumps into its frozen base while training (steps "
+                f"{', '.join(map(str, run.shifts.steps))}), which a checkpoint resumed on the original "
+                "base would lose: use --format base"
+            )
         if run.kind == "lora" and not method.keeps_rank:
             raise UserError(
                 f"--format checkpoint keeps the adapter's rank and optimizer state, which --method "

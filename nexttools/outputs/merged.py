@@ -52,7 +52,8 @@ class Merged(OutputFormat):
                     if name in carried
                     else plan.template.get(plan.source_name[name])
                 )
-                return ModuleUpdate(stored, (last.factors(name), jump.change(name)), device)
+                # W_c = W_0 + its base shifts + s·B_c A_c: ``run.factors`` holds both
+                return ModuleUpdate(stored, (run.factors(run.rows - 1, name), jump.change(name)), device)
             return ModuleUpdate(run.weight(run.rows - 1, name), (jump.change(name),), device)
 
         def carried_tensor(name: str) -> torch.Tensor | None:

@@ -1,6 +1,8 @@
 """``--format base``: the run's base with the jump folded in, for an in-place resume of a LoRA run.
 
-W_0'_j = W_0_j + α·T̂_j in every trained module j; every other tensor is the base's, bit-for-bit.
+W_0'_j = W_0_j + α·T̂_j in every trained module j (plus the base shifts of the jumps ``JumpCallback``
+folded in while the run trained, which the checkpoint's adapter sits on); every other tensor is the
+base's, bit-for-bit.
 The run's own last adapter on W_0' gives W_0 + s·B_c A_c + α·T̂, exactly the weights of
 ``--format merged`` (in float32 up to float32 rounding; in bf16 the only difference is the single
 rounding of W_0'). So the user resumes their *own* checkpoint (adapter, optimizer, scheduler, RNG,
@@ -32,6 +34,7 @@ class NewBase(OutputFormat):
     name = "base"
     summary = "the base with the jump folded in: resume the run's own LoRA checkpoint on it, in place"
     lora_only = True
+    resumes_in_place = True
 
     def check(self, run: OpenedRun, method: Method, dtype: torch.dtype | None) -> None:
         last = run.last
@@ -48,8 +51,10 @@ class NewBase(OutputFormat):
         modules = run.modules
         plan = plan_model(run.base, modules, changed=modules, untie=True, out_dtype=request.dtype)
 
-        def compute(name: str) -> ModuleUpdate:
-            return ModuleUpdate(plan.template.get(plan.source_name[name]), (jump.change(name),), device)
+        def compute(name: str) -> ModuleUpdate:  # the shifts folded in while training stay folded in
+            shift = run.shift(run.rows - 1, name)
+            changes = (jump.change(name),) if shift is None else (shift, jump.change(name))
+            return ModuleUpdate(plan.template.get(plan.source_name[name]), changes, device)
 
         side = model_side_files(run.base_path, run.base_path, remote_code_from=run.base_path)
         files = writer_file_sizes(plan, request.max_shard_size) | sizes_of(side)

@@ -10,15 +10,18 @@ At every scheduled step (``start``, ``start + every``, … ; each must be a save
 trainer has saved ``checkpoint-N``:
 
 1. the store in ``workdir`` is brought up to date with the checkpoints saved so far (``extract``,
-   incremental: a few new rows);
+   incremental: a few new rows), and for ``next`` its predictor is trained again (``fit``);
 2. with a ``gate``, the live model is scored (``gate(model) -> float``, higher is better);
 3. the jump is computed and applied to the live model (:func:`nexttools.schedule.live.jump_live`):
-   the adapter's own A and B move, the optimizer's moments, the step counter, the LR schedule and the
-   data position do not;
+   ``factor-linear`` moves the adapter's own A and B, every other method of a LoRA run is folded
+   into the frozen base weights; the optimizer's moments, the step counter, the LR schedule and the
+   data position do not change;
 4. with a gate, the model is scored again; a lower score reverts the jump exactly;
-5. a kept jump is written into ``checkpoint-N``'s own adapter (the one it replaced is kept as
-   ``<workdir>/jumps/step-N.safetensors``), so that a resume from ``checkpoint-N`` (TRL's
-   ``resume_from_checkpoint``) and the next store update continue from the jumped weights;
+5. a kept factor-space jump is written into ``checkpoint-N``'s own adapter (the files it replaced
+   are kept in ``<workdir>/jumps/step-N/``), so that a resume from ``checkpoint-N`` (TRL's
+   ``resume_from_checkpoint``) and the next store update continue from the jumped weights; a kept
+   base shift is kept as ``<workdir>/jumps/step-N/base-shift.safetensors``, which the store's deltas
+   include from checkpoint N on, and which a resumed run folds into its base again at its first step;
 6. the jump is logged into the trainer's logs (``jump/*`` keys) and recorded in
    ``<workdir>/jumps.json`` (:mod:`nexttools.jump_record`); a resumed run reads it and jumps again on
    schedule after its resume step.
@@ -44,11 +47,13 @@ import numpy as np
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from nexttools.base_shifts import BaseShifts, save_shift
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
+from nexttools.fit import FitOptions, fit
 from nexttools.jump_record import JumpEntry, read_jumps, record_jump
 from nexttools.methods import METHODS
-from nexttools.schedule.live import jump_live
+from nexttools.schedule.live import fold_shifts, jump_live
 from nexttools.workdir import Workdir
 
 Gate = Callable[[torch.nn.Module], float]
@@ -62,8 +67,9 @@ class JumpCallback(TrainerCallback):
         workdir: nexttools' working folder for this run (its store, record and kept adapters).
         every: steps between jumps (a multiple of the trainer's ``save_steps``).
         start: the first jump's step (a save step).
-        method: a method that keeps the adapter's rank for a LoRA run (``factor-linear``); any
-            method for a full-weight run.
+        method: any registered method. For a LoRA run, ``factor-linear`` moves the adapter's own
+            A and B; every other method is folded into the frozen base, and its shift is kept in
+            ``workdir`` (:mod:`nexttools.base_shifts`).
         alpha: the jump's α (the target step is ``N + α·k·Δ``, Δ the checkpoint spacing).
         k: the store's horizon, in checkpoints.
         base: the base model for ``extract`` (default: the adapters' ``base_model_name_or_path``).
@@ -98,6 +104,8 @@ class JumpCallback(TrainerCallback):
         self.method, self.alpha, self.k, self.base, self.gate = method, float(alpha), k, base, gate
         self.trainer: Any = None
         self._done: set[int] = set()
+        self._folded: set[int] = set()  # base shifts folded into the live model by this callback
+        self._resume_checked = False
 
     def attach(self, trainer: Any) -> JumpCallback:
         """Add this callback to ``trainer`` and let it force the trainer's next weight sync."""
@@ -119,8 +127,24 @@ class JumpCallback(TrainerCallback):
                 f"JumpCallback: every ({self.every}) and start ({self.start}) must be multiples of "
                 f"save_steps ({args.save_steps}): a jump starts from a saved checkpoint"
             )
-        # A resumed run knows the jumps made up to its resume step; later entries are redone.
-        self._done = {entry.step for entry in read_jumps(self.workdir) if entry.step <= state.global_step}
+        self._resume_checked = False
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._resume_checked:
+            return
+        self._resume_checked = True  # the first step: the trainer has restored its resume step by now
+        # A resumed run knows the jumps made up to its resume step (later entries are redone), and
+        # folds the base shifts kept up to it into the base the trainer loaded (the original one).
+        resumed = state.global_step
+        self._done = {entry.step for entry in read_jumps(self.workdir) if entry.step <= resumed}
+        shifts = BaseShifts.of_workdir(self.workdir)
+        pending = {step for step in shifts.steps if step <= resumed} - self._folded
+        model = kwargs.get("model")
+        if pending and model is not None:
+            fold_shifts(model, shifts, pending)
+            self._folded |= pending
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -133,15 +157,20 @@ class JumpCallback(TrainerCallback):
         checkpoint = run / f"checkpoint-{step}"
         started = time.monotonic()
         extract(ExtractOptions(run=run, base=self.base, workdir=self.workdir, k=self.k))
+        if METHODS[self.method].needs_predictor:  # `next`: trained again on the grown store
+            fit(FitOptions(workdir=self.workdir))
         seconds_update = time.monotonic() - started
         before = self._score(model)
         jump = jump_live(model, self.workdir, self.method, self.alpha)
         after = self._score(model)
         kept = before is None or after is None or after >= before
-        if kept:
-            _keep_in_checkpoint(model, checkpoint, Workdir(self.workdir).jump_states / f"step-{step}")
-        else:
+        if not kept:
             jump.revert()
+        elif jump.shifts:  # folded into the frozen base: the checkpoint's adapter is unchanged
+            save_shift(self.workdir, step, jump.shifts)
+            self._folded.add(step)
+        else:
+            _keep_in_checkpoint(model, checkpoint, Workdir(self.workdir).jump_states / f"step-{step}")
         entry = JumpEntry(
             step=step,
             method=self.method,
@@ -153,6 +182,7 @@ class JumpCallback(TrainerCallback):
             score_after=after,
             seconds_update=seconds_update,
             seconds_jump=jump.seconds,
+            base_shift=kept and bool(jump.shifts),
         )
         record_jump(self.workdir, entry)
         self._done.add(step)

@@ -1,17 +1,21 @@
 """A jump applied to the model in memory: the same α·T̂ that ``extrapolate`` writes, made in place.
 
-For a LoRA run the jump must keep the adapter's rank (a ``keeps_rank`` method, ``factor-linear``):
-each trained module's ``lora_A``/``lora_B`` parameters are overwritten, in place, by the jumped
-factors ``Jump.new_factors`` gives, exactly what ``extrapolate --format checkpoint`` writes into the
-checkpoint's adapter. The parameters stay the same objects, so the optimizer's state (Adam's moments,
-its step counter) stays attached and unchanged; the LR schedule and the data position are not
-touched. Extrapolating the moments too diverged in Leap+Verify (arXiv 2602.19580), so they are left.
+For a LoRA run:
 
-A method that folds α·T̂ into the frozen base (every other one) is refused for a LoRA run: the
-checkpoints saved after such a jump would no longer describe the weights (W_i = W_0 + shifts +
-s·B_i A_i), and the store does not yet record the shifts. For a full-weight run any method is
-applied: α·T̂ is added to each trained parameter in float32 and rounded once to its dtype, and the
-checkpoints saved afterwards hold the moved weights themselves.
+- a method that keeps the adapter's rank (``factor-linear``) overwrites each trained module's
+  ``lora_A``/``lora_B`` parameters, in place, with the jumped factors ``Jump.new_factors`` gives:
+  exactly what ``extrapolate --format checkpoint`` writes into the checkpoint's adapter;
+- every other method folds α·T̂ into the frozen base weight of each trained module (PEFT's
+  ``base_layer.weight``), in float32 rounded once to its dtype: what ``extrapolate --format base``
+  writes. The shift is returned as exact low-rank factors (:attr:`LiveJump.shifts`), for the caller
+  to keep (:mod:`nexttools.base_shifts`), since the run's later checkpoints hold only the adapter.
+
+For a full-weight run any method is applied: α·T̂ is added to each trained parameter in float32 and
+rounded once to its dtype, and the checkpoints saved afterwards hold the moved weights themselves.
+
+The parameters stay the same objects, so the optimizer's state (Adam's moments, its step counter)
+stays attached and unchanged; the LR schedule and the data position are not touched. Extrapolating
+the moments too diverged in Leap+Verify (arXiv 2602.19580), so they are left.
 
 :meth:`LiveJump.revert` puts back the exact tensors the jump replaced (the gate's undo).
 """
@@ -19,14 +23,16 @@ checkpoints saved afterwards hold the moved weights themselves.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from nexttools.base_shifts import BaseShifts
 from nexttools.errors import UserError
+from nexttools.lowrank import LowRankFactors
 from nexttools.methods import METHODS, get_method
 from nexttools.methods.base import JumpRequest
 from nexttools.predictor.saved import load_predictor
@@ -52,6 +58,8 @@ class LiveJump:
     target_step: float
     seconds: float
     replaced: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = field(repr=False)
+    shifts: dict[str, LowRankFactors] = field(default_factory=dict, repr=False)
+    """A LoRA run's base shift per module (base orientation) when the jump was folded into the base."""
 
     @property
     def claimed_steps(self) -> float:
@@ -117,22 +125,20 @@ def jump_live(
     chosen = get_method(method)
     store_path = Workdir(workdir).existing_store()
     with open_store(store_path) as store:
-        if store.run_kind == "lora" and not chosen.keeps_rank:
-            keeping = ", ".join(name for name, m in METHODS.items() if m.keeps_rank)
-            raise UserError(
-                f"a live jump of a LoRA run must keep the adapter's rank ({keeping}): {method} would "
-                "move the frozen base, which the run's later checkpoints do not record"
-            )
         run = OpenedRun(store)
         predictor = load_predictor(Path(workdir), store) if chosen.needs_predictor else None
         jump = chosen.jump(JumpRequest(run=run, alpha=alpha, predictor=predictor))
+        shifts: dict[str, LowRankFactors] = {}
         with _all_or_nothing() as replaced:
-            if store.run_kind == "lora":
+            if store.run_kind == "full":
+                _move_weights(model, run, jump.change, replaced)
+            elif chosen.keeps_rank:
                 _move_factors(model, run, jump.new_factors, adapter, replaced)
             else:
-                _move_weights(model, run, jump.change, replaced)
+                shifts = _fold_into_base(model, run, jump.change, adapter, replaced)
         step = int(run.steps[-1])
-    return LiveJump(method, alpha, step, jump.target_step, time.monotonic() - started, replaced)
+    seconds = time.monotonic() - started
+    return LiveJump(method, alpha, step, jump.target_step, seconds, replaced, shifts)
 
 
 @contextmanager
@@ -161,12 +167,7 @@ def _move_factors(
     if new_factors is None:
         raise UserError("this method gives no new factors")  # keeps_rank methods always do
     live = lora_parameters(model, adapter)
-    missing = [name for name in run.modules if name not in live]
-    if missing:
-        raise UserError(
-            f"the model has no LoRA layer for {missing[0]} (adapter {adapter!r}), which the store holds: "
-            "is it the model of this run?"
-        )
+    _require_layers(run, live, adapter)
     updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in run.modules:  # computed (and checked) first: nothing is changed until all are ready
         new_a, new_b = new_factors(name)
@@ -182,6 +183,94 @@ def _move_factors(
             ):
                 replaced[name + suffix] = (parameter, parameter.detach().clone())
                 parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
+
+
+def _require_layers(run: OpenedRun, live: Mapping[str, object], adapter: str) -> None:
+    missing = [name for name in run.modules if name not in live]
+    if missing:
+        raise UserError(
+            f"the model has no LoRA layer for {missing[0]} (adapter {adapter!r}), which the store holds: "
+            "is it the model of this run?"
+        )
+
+
+def _add_low_rank(parameter: torch.nn.Parameter, delta: LowRankFactors) -> None:
+    """parameter += left rightᵀ, in float32, rounded once to the parameter's dtype."""
+    moved = parameter.detach().float()
+    moved.addmm_(delta.left.to(moved.device), delta.right.to(moved.device).T)
+    parameter.copy_(moved.to(parameter.dtype))
+
+
+def base_weights(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.nn.Parameter]:
+    """``{base weight name: frozen base weight}`` of every LoRA layer of a PEFT ``model``."""
+    found: dict[str, torch.nn.Parameter] = {}
+    for name, module in model.named_modules():
+        base_layer = getattr(module, "base_layer", None)
+        if name.endswith(".base_layer") or base_layer is None or not _has_adapter(module, adapter):
+            continue
+        found[name.removeprefix(_PEFT_PREFIX) + ".weight"] = _parameter(base_layer.weight)
+    return found
+
+
+def _has_adapter(module: torch.nn.Module, adapter: str) -> bool:
+    return any(
+        isinstance(side, torch.nn.ModuleDict | torch.nn.ParameterDict) and adapter in side
+        for side in (getattr(module, "lora_A", None), getattr(module, "lora_embedding_A", None))
+    )
+
+
+def _fold_into_base(
+    model: torch.nn.Module,
+    run: OpenedRun,
+    change: Callable[[str], Change],
+    adapter: str,
+    replaced: _Replaced,
+) -> dict[str, LowRankFactors]:
+    """Add each module's change to its frozen base weight; return the changes (the shifts)."""
+    live = base_weights(model, adapter)
+    _require_layers(run, live, adapter)
+    owners: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    shifts: dict[str, LowRankFactors] = {}
+    for name in run.modules:  # computed (and checked) first: nothing is changed until all are ready
+        delta = change(name)
+        assert isinstance(delta, LowRankFactors), "a LoRA run's jump is low rank"
+        parameter = live[name]
+        if len(owners.get(id(parameter), [])) > 1:
+            raise UserError(
+                f"{name} is tied to {owners[id(parameter)][1]}: folding a jump into it would move both; "
+                "jump with factor-linear, or untie the weights"
+            )
+        if delta.shape != tuple(parameter.shape):
+            raise UserError(f"{name}: the live base weight's shape differs from the store's")
+        shifts[name] = delta
+    with torch.no_grad():
+        for name, delta in shifts.items():
+            parameter = live[name]
+            replaced[name] = (parameter, parameter.detach().clone())
+            _add_low_rank(parameter, delta)
+    return shifts
+
+
+def fold_shifts(
+    model: torch.nn.Module, shifts: BaseShifts, steps: Collection[int], adapter: str = "default"
+) -> None:
+    """Fold the kept base shifts made at ``steps`` into ``model``'s frozen base weights again: a run
+    resumed from a checkpoint after such a jump starts from the original base, which the trainer
+    loaded before the adapter."""
+    live = base_weights(model, adapter)
+    singles = [
+        (step, BaseShifts((step,), (path,)))
+        for step, path in zip(shifts.steps, shifts.paths, strict=True)
+        if step in steps
+    ]
+    # read (and checked) first: nothing is changed until every shift is ready
+    folds = [(live[name], single.at(step, name)) for step, single in singles for name in live]
+    with torch.no_grad():
+        for parameter, delta in folds:
+            assert delta is not None
+            _add_low_rank(parameter, delta)
 
 
 def _move_weights(

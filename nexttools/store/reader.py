@@ -52,6 +52,13 @@ class TrajectoryStore:
             else np.asarray(jumped).astype(bool).reshape(-1)
         )
         """bool ``(C,)``: the checkpoint holds a jump made while training (all False in older stores)."""
+        self.shift_steps: tuple[int, ...] = (
+            tuple(int(s) for s in file["shifts/step"][()].reshape(-1)) if "shifts/step" in file else ()
+        )
+        self.shift_paths: tuple[str, ...] = (
+            tuple(_strings(file["shifts/path"])) if "shifts/path" in file else ()
+        )
+        """The base shifts the run's deltas include, and their files (none in older stores)."""
         self.modules: list[str] = _strings(file["modules/name"])
         self.shapes: np.ndarray = file["modules/shape"][()].astype(np.int64).reshape(-1, 2)
         self.ranks: np.ndarray = file["modules/rank"][()].astype(np.int64)
@@ -71,6 +78,10 @@ class TrajectoryStore:
         ):
             if length != count:
                 raise ValueError(f"{name} has {length} rows for {count} checkpoints")
+        if len(self.shift_steps) != len(self.shift_paths):
+            raise ValueError(
+                f"shifts/path has {len(self.shift_paths)} rows for {len(self.shift_steps)} shifts"
+            )
         sizes = (self.shapes.shape, self.ranks.shape, self.u_offset.shape, self.v_offset.shape)
         if sizes != ((modules, 2), (modules,), (modules + 1,), (modules + 1,)):
             raise ValueError(f"the module tables disagree in length with {modules} modules")
@@ -108,6 +119,8 @@ class TrajectoryStore:
             ranks=tuple(int(r) for r in self.ranks),
             carried=tuple(self.carried),
             jumped=tuple(int(s) for s, j in zip(self.steps, self.jumped, strict=False) if j),
+            shift_steps=self.shift_steps,
+            shift_paths=self.shift_paths,
         )
 
     def read(self, kind: DeltaKind) -> DeltaArrays:

@@ -57,6 +57,8 @@ class StoreLayout:
     ``steps``/``paths``/``fingerprints`` have one entry per checkpoint (C, step order);
     ``jumped`` lists the steps whose checkpoint holds a jump made while training (the local delta
     of the interval ending there is not the run's own motion; ``docs/store.md``);
+    ``shift_steps``/``shift_paths`` the jumps folded into the frozen base of a LoRA run, and the files
+    that hold their shifts (:mod:`nexttools.base_shifts`; every delta includes those in effect);
     ``modules``/``shapes``/``ranks`` one per module (M). ``rank`` is the LoRA rank, 0 for a
     full-weight run. ``carried`` names absolute tensors (``modules_to_save``, and every non-module
     tensor of a full-weight run) that outputs copy from the last checkpoint instead of extrapolating.
@@ -76,12 +78,16 @@ class StoreLayout:
     ranks: tuple[int, ...]
     carried: tuple[str, ...]
     jumped: tuple[int, ...] = ()
+    shift_steps: tuple[int, ...] = ()
+    shift_paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (len(self.steps) == len(self.paths) == len(self.fingerprints)):
             raise ValueError("steps, paths and fingerprints must have one entry per checkpoint")
         if not (len(self.modules) == len(self.shapes) == len(self.ranks)):
             raise ValueError("modules, shapes and ranks must have one entry per module")
+        if len(self.shift_steps) != len(self.shift_paths):
+            raise ValueError("shift_steps and shift_paths must have one entry per base shift")
         if list(self.steps) != sorted(set(self.steps)):
             raise ValueError(f"steps must be strictly increasing, got {self.steps}")
 

@@ -146,6 +146,10 @@ class StoreWriter:
                 np.asarray(layout.steps, dtype=np.int64), np.asarray(layout.jumped, dtype=np.int64)
             )
             file.create_dataset("checkpoints/jumped", data=jumped.reshape(c))
+        if layout.shift_steps:  # optional, like jumped: only a LoRA run that folded a jump has it
+            shifts = len(layout.shift_steps)
+            file.create_dataset("shifts/step", data=np.asarray(layout.shift_steps, dtype=np.int64))
+            file.create_dataset("shifts/path", data=list(layout.shift_paths), dtype=strings, shape=(shifts,))
         file.create_dataset("checkpoints/path", data=list(layout.paths), dtype=strings, shape=(c,))
         file.create_dataset(
             "checkpoints/fingerprint", data=list(layout.fingerprints), dtype=strings, shape=(c,)
