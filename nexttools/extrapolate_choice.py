@@ -160,8 +160,19 @@ def check_jump_size(run: OpenedRun, method: str, jump: Jump, *, force: bool) -> 
     at a time, float64 norms; it reads the base's trained modules once more, so ``force`` skips it
     (and a ``measured`` method, α times a change the run made, cannot diverge and is not checked).
     Returns the warnings to record (none: the check refuses or passes)."""
-    if force or METHODS[method].measured:
+    if force:
         return []
+    too_large = oversized_jump(run, method, jump)
+    if too_large is None:
+        return []
+    raise UserError(f"{too_large}; check `nexttools fit`'s back-test, or pass --force to write it anyway")
+
+
+def oversized_jump(run: OpenedRun, method: str, jump: Jump) -> str | None:
+    """Why the jump is too large to be the run's motion (its worst module's ‖α·T̂‖_F above
+    :data:`MAX_JUMP_RATIO` of ‖W_0‖_F), or None when it is not, or when the method is ``measured``."""
+    if METHODS[method].measured:
+        return None
     worst_name, worst = "", 0.0
     for name in run.modules:
         change = jump.change(name)
@@ -173,11 +184,10 @@ def check_jump_size(run: OpenedRun, method: str, jump: Jump, *, force: bool) -> 
         if not math.isfinite(ratio):
             break
     if worst <= MAX_JUMP_RATIO:
-        return []
-    raise UserError(
+        return None
+    return (
         f"the jump moves {worst_name} by {worst:.3g}× its own weight norm (limit {MAX_JUMP_RATIO:g}): "
-        "a jump this large is a diverging prediction, not the run's motion; check `nexttools fit`'s "
-        "back-test, or pass --force to write it anyway"
+        "a jump this large is a diverging prediction, not the run's motion"
     )
 
 

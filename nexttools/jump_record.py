@@ -15,7 +15,8 @@ gate's scores, or None), ``seconds_update`` (the store update), ``seconds_jump``
 ``<workdir>/jumps/step-N/base-shift.safetensors``: :mod:`nexttools.base_shifts`) and
 ``in_checkpoint``: True when the jump is part of checkpoint N (``JumpCallback`` writes it there), False
 when the run's own checkpoint N is the pre-jump state and the jump lies in the interval after it
-(``extrapolate --record``: the run resumed from an output written beside it).
+(``extrapolate --record``: the run resumed from an output written beside it); ``refused`` says why a
+jump was not applied at all (too large: ``schedule.live.JumpTooLarge``), None otherwise.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class JumpEntry:
     seconds_jump: float = 0.0
     base_shift: bool = False
     in_checkpoint: bool = True
+    refused: str | None = None
 
 
 def read_jumps(workdir: Path) -> list[JumpEntry]:

@@ -70,7 +70,7 @@ def _trainer(base: Path, out: Path, steps: int, callbacks: list[TrainerCallback]
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=8,
-        learning_rate=3e-3,
+        learning_rate=1e-3,
         save_steps=2,
         save_strategy="steps",
         logging_steps=1,
@@ -90,10 +90,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def jumped(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A 10-step run jumping (factor-linear, α 1.5) at steps 4 and 8, probed around each jump."""
+    """A 10-step run jumping (factor-linear, α 1) at steps 4 and 8, probed around each jump."""
     root = tmp_path_factory.mktemp("jumped")
     before, after = Probe(), Probe()
-    callback = JumpCallback(root / "work", every=4, start=4, alpha=1.5, base=str(base))
+    callback = JumpCallback(root / "work", every=4, start=4, alpha=1.0, base=str(base))
     trainer = _trainer(base, root / "run", 10, [before])
     callback.attach(trainer)
     trainer.add_callback(after)
@@ -125,10 +125,10 @@ def _remade(run: Path, base: Path, work: Path, k: int, method: str, alpha: float
 def test_the_run_jumps_on_schedule_and_records_it(jumped: dict[str, Any]) -> None:
     entries = read_jumps(jumped["root"] / "work")
     assert [(e.step, e.method, e.alpha, e.kept) for e in entries] == [
-        (4, "factor-linear", 1.5, True),
-        (8, "factor-linear", 1.5, True),
+        (4, "factor-linear", 1.0, True),
+        (8, "factor-linear", 1.0, True),
     ]
-    assert all(e.claimed_steps == pytest.approx(1.5 * 5 * 2) for e in entries[1:])  # α·k·Δ, Δ = 2
+    assert all(e.claimed_steps == pytest.approx(1.0 * 5 * 2) for e in entries[1:])  # α·k·Δ, Δ = 2
     logged = [row for row in jumped["trainer"].state.log_history if "jump/step" in row]
     assert [row["jump/step"] for row in logged] == [4.0, 8.0]
     with open_store(jumped["root"] / "work" / "trajectory.h5") as store:  # the store of the jump at 8
@@ -140,7 +140,7 @@ def test_a_live_jump_equals_the_checkpoint_output(
     jumped: dict[str, Any], base: Path, tmp_path: Path, step: int
 ) -> None:
     run = _pre_jump_run(jumped, step, tmp_path / "run")
-    out = _remade(run, base, tmp_path / "work", 5, "factor-linear", 1.5, "checkpoint")
+    out = _remade(run, base, tmp_path / "work", 5, "factor-linear", 1.0, "checkpoint")
     written = load_file(out / "adapter_model.safetensors")
     live = jumped["after"].lora[step]
     assert live.keys() and len(written) == len(live)
@@ -437,3 +437,16 @@ def test_the_offline_loop_with_recorded_base_jumps_is_one_trajectory(base: Path,
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=2e-5, msg=name)
     with pytest.raises(UserError, match="--record is for an output the run resumes from"):
         extrapolate(ExtrapolateOptions(**{**options, "format": "merged"}, out=tmp_path / "m2", record=True))
+
+
+def test_a_jump_too_large_is_not_made_and_the_run_goes_on(base: Path, tmp_path: Path) -> None:
+    before, after = Probe(), Probe()
+    trainer = _trainer(base, tmp_path / "run", 6, [before])
+    JumpCallback(tmp_path / "work", every=4, start=4, alpha=1000.0, base=str(base)).attach(trainer)
+    trainer.add_callback(after)
+    trainer.train()
+    (entry,) = read_jumps(tmp_path / "work")
+    assert not entry.kept and entry.refused is not None and "its own weight norm" in entry.refused
+    for name, tensor in before.lora[4].items():
+        assert torch.equal(tensor, after.lora[4][name]), name  # nothing moved
+    assert trainer.state.global_step == 6

@@ -55,6 +55,47 @@ def lora_config(settings: GrpoSettings) -> object:
     )
 
 
+def grpo_config(
+    out_dir: Path,
+    *,
+    steps: int,
+    save_every: int,
+    learning_rate: float,
+    prompts_per_step: int,
+    generations: int,
+    completion_tokens: int,
+    temperature: float,
+    seed: int,
+    logging_steps: int,
+) -> Any:
+    """The examples' ``GRPOConfig``: constant LR, β = 0 (no reference model), float32, CPU unless a
+    GPU is there, a checkpoint every ``save_every`` steps."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(out_dir),
+        max_steps=steps,
+        save_strategy="steps",
+        save_steps=save_every,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        per_device_train_batch_size=prompts_per_step * generations,
+        num_generations=generations,
+        max_completion_length=completion_tokens,
+        temperature=temperature,
+        beta=0.0,
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=logging_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
 def train_grpo(
     model_dir: Path,
     out_dir: Path,
@@ -86,7 +127,7 @@ def train_grpo(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     hf_logging.set_verbosity_error()
     logging.getLogger("trl").setLevel(logging.ERROR)
@@ -104,27 +145,17 @@ def train_grpo(
     dataset = Dataset.from_dict(
         {"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]}
     )
-    args = GRPOConfig(
-        output_dir=str(out_dir),
-        max_steps=steps,
-        save_strategy="steps",
-        save_steps=save_every,
+    args = grpo_config(
+        out_dir,
+        steps=steps,
+        save_every=save_every,
         learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        per_device_train_batch_size=settings.prompts_per_step * settings.generations,
-        num_generations=settings.generations,
-        max_completion_length=ANSWER_TOKENS,
+        prompts_per_step=settings.prompts_per_step,
+        generations=settings.generations,
+        completion_tokens=ANSWER_TOKENS,
         temperature=settings.temperature,
-        beta=0.0,
         seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
         logging_steps=max(steps, 1),
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_config = None

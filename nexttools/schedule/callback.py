@@ -16,7 +16,9 @@ trainer has saved ``checkpoint-N``:
    ``factor-linear`` moves the adapter's own A and B, every other method of a LoRA run is folded
    into the frozen base weights; the optimizer's moments, the step counter, the LR schedule and the
    data position do not change;
-4. with a gate, the model is scored again; a lower score reverts the jump exactly;
+4. with a gate, the model is scored again; a lower score reverts the jump exactly. A jump that would
+   move a module by more than half its weight norm is not made at all (``extrapolate``'s limit: the
+   mark of a diverging prediction); the run goes on, and the record says why;
 5. a kept factor-space jump is written into ``checkpoint-N``'s own adapter (the files it replaced
    are kept in ``<workdir>/jumps/step-N/``), so that a resume from ``checkpoint-N`` (TRL's
    ``resume_from_checkpoint``) and the next store update continue from the jumped weights; a kept
@@ -48,12 +50,13 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from nexttools.base_shifts import BaseShifts, save_shift
+from nexttools.console import warn
 from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions, extract
 from nexttools.fit import FitOptions, fit
 from nexttools.jump_record import JumpEntry, read_jumps, record_jump
 from nexttools.methods import METHODS
-from nexttools.schedule.live import fold_shifts, jump_live
+from nexttools.schedule.live import JumpTooLarge, LiveJump, fold_shifts, jump_live
 from nexttools.workdir import Workdir
 
 Gate = Callable[[torch.nn.Module], float]
@@ -161,18 +164,43 @@ class JumpCallback(TrainerCallback):
             fit(FitOptions(workdir=self.workdir))
         seconds_update = time.monotonic() - started
         before = self._score(model)
-        jump = jump_live(model, self.workdir, self.method, self.alpha)
+        try:
+            jump = jump_live(model, self.workdir, self.method, self.alpha)
+        except JumpTooLarge as refused:  # the run goes on unjumped, and the record says why
+            entry = JumpEntry(
+                step=step,
+                method=self.method,
+                alpha=self.alpha,
+                target_step=refused.target_step,
+                claimed_steps=refused.target_step - step,
+                kept=False,
+                seconds_update=seconds_update,
+                refused=refused.reason,
+            )
+            warn(f"JumpCallback: no jump at step {step}: {refused.reason}")
+        else:
+            entry = self._settle(model, jump, before, checkpoint, seconds_update)
+        record_jump(self.workdir, entry)
+        self._done.add(step)
+        self._log(state, entry)
+        if self.trainer is not None and hasattr(self.trainer, "_last_loaded_step"):
+            self.trainer._last_loaded_step = -1  # TRL + vLLM: push the jumped weights at the next sync
+
+    def _settle(
+        self, model: torch.nn.Module, jump: LiveJump, before: float | None, checkpoint: Path, seconds: float
+    ) -> JumpEntry:
+        """Score the jumped model, then keep the jump (written where the run reads it) or revert it."""
         after = self._score(model)
         kept = before is None or after is None or after >= before
         if not kept:
             jump.revert()
         elif jump.shifts:  # folded into the frozen base: the checkpoint's adapter is unchanged
-            save_shift(self.workdir, step, jump.shifts)
-            self._folded.add(step)
+            save_shift(self.workdir, jump.step, jump.shifts)
+            self._folded.add(jump.step)
         else:
-            _keep_in_checkpoint(model, checkpoint, Workdir(self.workdir).jump_states / f"step-{step}")
-        entry = JumpEntry(
-            step=step,
+            _keep_in_checkpoint(model, checkpoint, Workdir(self.workdir).jump_states / f"step-{jump.step}")
+        return JumpEntry(
+            step=jump.step,
             method=self.method,
             alpha=self.alpha,
             target_step=jump.target_step,
@@ -180,15 +208,10 @@ class JumpCallback(TrainerCallback):
             kept=kept,
             score_before=before,
             score_after=after,
-            seconds_update=seconds_update,
+            seconds_update=seconds,
             seconds_jump=jump.seconds,
             base_shift=kept and bool(jump.shifts),
         )
-        record_jump(self.workdir, entry)
-        self._done.add(step)
-        self._log(state, entry)
-        if self.trainer is not None and hasattr(self.trainer, "_last_loaded_step"):
-            self.trainer._last_loaded_step = -1  # TRL + vLLM: push the jumped weights at the next sync
 
     def _score(self, model: torch.nn.Module) -> float | None:
         if self.gate is None:

@@ -17,6 +17,10 @@ The parameters stay the same objects, so the optimizer's state (Adam's moments, 
 stays attached and unchanged; the LR schedule and the data position are not touched. Extrapolating
 the moments too diverged in Leap+Verify (arXiv 2602.19580), so they are left.
 
+A jump that moves any module by more than half its own weight norm is refused before anything
+changes (:class:`JumpTooLarge`): the limit ``extrapolate`` applies, since a live run has no ``--force``.
+Measured: a ``next`` schedule without it destroyed the example's run at its second jump.
+
 :meth:`LiveJump.revert` puts back the exact tensors the jump replaced (the gate's undo).
 """
 
@@ -32,6 +36,7 @@ import torch
 
 from nexttools.base_shifts import BaseShifts
 from nexttools.errors import UserError
+from nexttools.extrapolate_choice import oversized_jump
 from nexttools.lowrank import LowRankFactors
 from nexttools.methods import METHODS, get_method
 from nexttools.methods.base import JumpRequest
@@ -41,6 +46,15 @@ from nexttools.store import open_store
 from nexttools.workdir import Workdir
 
 _PEFT_PREFIX = "base_model.model."
+
+
+class JumpTooLarge(UserError):
+    """The jump is refused, nothing changed: it moves a module by more than ``extrapolate``'s limit
+    (:func:`nexttools.extrapolate_choice.oversized_jump`), the mark of a diverging prediction."""
+
+    def __init__(self, reason: str, target_step: float) -> None:
+        super().__init__(reason)
+        self.reason, self.target_step = reason, target_step
 
 
 @dataclass
@@ -128,6 +142,9 @@ def jump_live(
         run = OpenedRun(store)
         predictor = load_predictor(Path(workdir), store) if chosen.needs_predictor else None
         jump = chosen.jump(JumpRequest(run=run, alpha=alpha, predictor=predictor))
+        too_large = oversized_jump(run, method, jump)
+        if too_large is not None:
+            raise JumpTooLarge(too_large, jump.target_step)
         shifts: dict[str, LowRankFactors] = {}
         with _all_or_nothing() as replaced:
             if store.run_kind == "full":
