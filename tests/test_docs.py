@@ -32,9 +32,8 @@ def test_every_relative_link_resolves(page: Path) -> None:
             continue
         path, _, anchor = target.partition("#")
         destination = page if not path else (page.parent / path).resolve()
-        if not destination.exists():
-            broken.append(target)
-        elif anchor and destination.suffix == ".md" and anchor not in anchors(destination):
+        checks_anchor = bool(anchor) and destination.suffix == ".md"
+        if not destination.exists() or (checks_anchor and anchor not in anchors(destination)):
             broken.append(target)
     assert not broken, f"{page.name}: {broken}"
 

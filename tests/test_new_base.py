@@ -19,6 +19,7 @@ from examples.demo_run import build_demo_run, save_lora_checkpoint
 from nexttools.checkpoints.weights import ModelWeights
 from nexttools.extract import ExtractOptions, extract
 from nexttools.extrapolate import ExtrapolateOptions, extrapolate
+from nexttools.methods import METHODS
 from nexttools.store import open_store
 
 STEPS = (10, 20, 30)
@@ -91,7 +92,7 @@ def _peft_merge(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in merged.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["last-interval", "rl-extra", "linear-rank1", "factor-linear"])
+@pytest.mark.parametrize("method", [name for name, m in METHODS.items() if not m.needs_predictor])
 def test_the_last_adapter_on_the_new_base_is_the_merged_output(
     small_run: tuple[Path, Path, Path], method: str, tmp_path: Path
 ) -> None:

@@ -72,6 +72,9 @@ class Method(ABC):
         backtest_note: why :meth:`backtest` returns None, when it does.
         measured: the jump is α times a change the run really made (not a prediction), so it cannot
             diverge; ``extrapolate``'s jump-size guard skips it (and the reads it would cost).
+        anchored: α = 0 leaves the last checkpoint exactly as it is. False for a method that lands on
+            a line fitted through the recent checkpoints (``factor-linear``): at α = 0 it moves the run
+            onto that line at the last step, which is not the last checkpoint itself.
     """
 
     name: ClassVar[str]
@@ -81,6 +84,7 @@ class Method(ABC):
     keeps_rank: ClassVar[bool] = False
     backtest_note: ClassVar[str] = ""
     measured: ClassVar[bool] = False
+    anchored: ClassVar[bool] = True
 
     @abstractmethod
     def jump(self, request: JumpRequest) -> Jump:

@@ -71,6 +71,7 @@ class FactorLinear(Method):
     )
     lora_only = True
     keeps_rank = True
+    anchored = False
     backtest_note = "extrapolates the LoRA factors, which the store does not hold"
 
     def jump(self, request: JumpRequest) -> Jump:
