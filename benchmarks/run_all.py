@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import (
+    bench_cli,
     bench_extract,
     bench_extrapolate,
     bench_fit,
@@ -102,6 +103,20 @@ def table(results: dict) -> str:
         )
         for name in ("extract", "extrapolate")
     ]
+    cli = results["cli"]
+    rows += [
+        (
+            f"`nexttools {argv}`, wall time vs `python -c pass`",
+            f"{cli[f'{name}_seconds']:.2f} s",
+            f"{cli[f'{name}_over_python']:.1f}× ({cli['python_seconds']:.2f} s)",
+            target,
+        )
+        for name, argv, target in (
+            ("help", "--help", "≤ 0.5 s"),
+            ("unknown_command", "bogus", "≤ 0.5 s"),
+            ("extract_help", "extract --help", "≤ 0.5 s"),
+        )
+    ]
     lines = ["| figure | measured | detail | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -136,6 +151,7 @@ def main() -> None:
     results["reads"] = bench_reads.main()
     results["load"] = bench_load.main(WORKDIR)
     results["scale"] = bench_scale.main()
+    results["cli"] = bench_cli.main()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

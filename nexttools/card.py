@@ -15,7 +15,6 @@ loading snippets name the repo.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from nexttools.errors import UserError
 from nexttools.manifest import Manifest
 from nexttools.methods import METHODS
 from nexttools.outputs import get_output
+from nexttools.secrets_scrub import scrub_secrets
 
 CARD_NAME = "README.md"
 LOCAL_PLACEHOLDER = "path/to/this/folder"
@@ -47,10 +47,9 @@ KIND_TEXT = {
     "base": "a new base model for an in-place resume (the run's own last adapter goes on top of it)",
     "checkpoint": "a resumable copy of the run's last trainer checkpoint",
 }
+
+
 # `--token X`, `--token=X` and anything shaped like a Hugging Face token, in a recorded command line.
-_TOKEN_PATTERNS = (re.compile(r"(--token[= ])\S+"), re.compile(r"\bhf_[A-Za-z0-9]{8,}\b"))
-
-
 def write_model_card(folder: Path, manifest: Manifest, *, repo_id: str | None = None) -> Path:
     """Write ``folder/README.md`` for the output described by ``manifest`` and return its path.
 
@@ -93,12 +92,6 @@ def card_data(manifest: Manifest) -> ModelCardData:
         license_name=license_fields.get("license_name"),
         license_link=license_fields.get("license_link"),
     )
-
-
-def scrub_secrets(text: str) -> str:
-    """Replace anything that looks like an access token in ``text`` (e.g. a recorded command) by ``***``."""
-    text = _TOKEN_PATTERNS[0].sub(r"\1***", text)
-    return _TOKEN_PATTERNS[1].sub("***", text)
 
 
 def _base_license(base_path: str | None) -> dict[str, str]:

@@ -21,7 +21,6 @@ a line), so the user reads the cause once. torchrun then reports the exit codes 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nexttools.errors import PeerFailed, UserError
+from nexttools.launch import launched
 
 # A rank may wait this long for the others (a slow checkpoint read on another rank), not forever.
 _TIMEOUT = timedelta(minutes=30)
@@ -128,26 +128,13 @@ def together(ranks: Ranks) -> Iterator[None]:
     ranks.settle(None)
 
 
-def _launched() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when not launched by it."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"RANK={rank} is not within WORLD_SIZE={world}")
-    return rank, world, local
-
-
 @contextmanager
 def joined(device: torch.device) -> Iterator[Ranks]:
     """This process's :class:`Ranks`, in a ``torch.distributed`` group for as long as the block runs.
 
     Under torchrun, a CUDA ``device`` without an index becomes ``cuda:LOCAL_RANK``.
     """
-    rank, world, local = _launched()
+    rank, world, local = launched()
     if world == 1:
         yield Ranks(0, 1, device)
         return
@@ -164,9 +151,3 @@ def joined(device: torch.device) -> Iterator[Ranks]:
         yield Ranks(rank, world, device)
     finally:
         dist.destroy_process_group()
-
-
-def launched_rank() -> int:
-    """This process's rank under torchrun (0 when alone): the CLI quiets every other rank's console,
-    so that the user sees one progress bar and one summary."""
-    return _launched()[0]

@@ -22,6 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
         "workdir",
         "safe_files",
         "jump_record",
+        "launch",
+        "secrets_scrub",
         "locking",
         "manifest",
         "threads",

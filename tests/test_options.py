@@ -30,7 +30,7 @@ COMMANDS = [
 @pytest.mark.parametrize(("name", "options_class", "args", "required"), COMMANDS)
 def test_every_field_is_an_option_with_the_dataclass_default(name, options_class, args, required) -> None:
     """With only the required arguments, the command builds exactly the dataclass's defaults."""
-    command = cli.commands[name]
+    command = cli.get_command(None, name)
     context = command.make_context(name, list(args))
     names = {field.name for field in dataclasses.fields(options_class) if OPTION_KEY in field.metadata}
     assert names <= set(context.params), names - set(context.params)
@@ -39,17 +39,17 @@ def test_every_field_is_an_option_with_the_dataclass_default(name, options_class
 
 
 def test_values_are_parsed_and_checked_by_the_field_kind() -> None:
-    extrapolate = cli.commands["extrapolate"]
+    extrapolate = cli.get_command(None, "extrapolate")
     params = extrapolate.make_context(
         "extrapolate", ["--max-shard-size", "2GiB", "--method", "rl-extra"]
     ).params
     assert params["max_shard_size"] == 2 * 2**30 and params["method"] == "rl-extra"
-    extract = cli.commands["extract"]
+    extract = cli.get_command(None, "extract")
     assert extract.make_context("extract", ["run", "--steps", "100:"]).params["steps"] == (100, None)
-    backtest = cli.commands["backtest"]
+    backtest = cli.get_command(None, "backtest")
     params = backtest.make_context("backtest", ["--eval-cmd", "x", "--alpha", "1", "--alpha", "2.5"]).params
     assert params["alphas"] == (1.0, 2.5)
-    fit = cli.commands["fit"]
+    fit = cli.get_command(None, "fit")
     assert fit.make_context("fit", ["--no-refit"]).params["refit"] is False
 
 

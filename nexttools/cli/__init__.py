@@ -1,7 +1,9 @@
 """The ``nexttools`` command: a thin click shell over the typed core.
 
-Each subcommand lives in its own module of this package and only parses options, calls one core
-function and prints its summary. :func:`main` ends every way a run can fail in one line on stderr:
+Each subcommand lives in its own module of this package (:data:`COMMANDS`) and only parses options,
+calls one core function and prints its summary. The group imports a subcommand's module only when
+that command runs or shows its help, so ``nexttools --help``, ``--version`` and an unknown command
+answer before torch is imported. :func:`main` ends every way a run can fail in one line on stderr:
 
 - a :class:`~nexttools.errors.UserError`, a usage mistake, or a file-system refusal (full disk,
   read-only location, a path below a regular file...): exit code 2 (under torchrun, the ranks that
@@ -15,6 +17,7 @@ by the code that made it on the way out, exactly as for an error.
 from __future__ import annotations
 
 import errno
+import importlib
 import signal
 import sys
 from types import FrameType
@@ -25,23 +28,48 @@ from rich.markup import escape
 from nexttools import __version__
 from nexttools.console import console
 from nexttools.errors import PeerFailed, UserError
-from nexttools.ranks import launched_rank
+from nexttools.launch import launched_rank
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
+COMMANDS: dict[str, tuple[str, str]] = {
+    "extract": ("extract_command", "checkpoints -> trajectory store (incremental)"),
+    "fit": ("fit_command", "store -> predictor, and every method back-tested"),
+    "backtest": ("backtest_command", "what a jump is worth, scored by your own eval"),
+    "inspect": ("inspect_command", "rank-1 energy, linearity and consistency of the run"),
+    "extrapolate": ("extrapolate_command", "the jump, written to resume in place"),
+    "push": ("push_command", "an output folder -> the Hugging Face Hub"),
+}
+"""Every subcommand: its name, the function in ``nexttools.cli.<name>``, and its one-line summary."""
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+
+class LazyGroup(click.Group):
+    """A group that imports each subcommand's module on first use (module docstring)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"nexttools.cli.{cmd_name}")
+        command = getattr(module, COMMANDS[cmd_name][0])
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary) for name, (_, summary) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="nexttools")
 def cli() -> None:
-    """Extrapolate an RL run along its rank-1 weight trajectory (NExt).
+    """Skip part of an RL run: extract its rank-1 trajectory, judge a jump, make it, resume in place.
 
     \b
-    nexttools extract RUN [--base BASE]   checkpoints -> trajectory store
-    nexttools fit                         store -> predictor + back-test
-    nexttools backtest --eval-cmd CMD     what a jump is worth, scored by your eval
-    nexttools inspect [--plot FILE.png]   rank-1 energy, linearity and consistency of the run
-    nexttools extrapolate --alpha 1.5     predictor + last checkpoint -> HF model
-    nexttools push OUT REPO_ID            output folder -> Hugging Face Hub
+    nexttools extract RUN [--base BASE] && nexttools fit && nexttools backtest --eval-cmd CMD
+    nexttools extrapolate            # follows backtest's verdict; `<command> --help` for options
     """
 
 
@@ -108,7 +136,3 @@ def main() -> None:
 def on_rank_zero() -> bool:
     """Whether this process prints the summary (always, unless it is a torchrun rank > 0)."""
     return launched_rank() == 0
-
-
-# Subcommands register themselves on `cli`; imported last so that they can import it.
-from nexttools.cli import backtest, extract, extrapolate, fit, inspect, push  # noqa: E402, F401

@@ -10,7 +10,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from nexttools.advisor import BacktestOptions, Verdict, backtest
-from nexttools.cli import cli
 from nexttools.cli.options import declared
 from nexttools.cli.tables import diverging
 from nexttools.console import console
@@ -18,7 +17,7 @@ from nexttools.verdict import MIN_WORTH
 from nexttools.workdir import Workdir
 
 
-@cli.command("backtest")
+@click.command("backtest")
 @declared(BacktestOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON on stdout.")
 def backtest_command(as_json: bool, **values: Any) -> None:

@@ -8,13 +8,13 @@ from typing import Any
 import click
 from rich.table import Table
 
-from nexttools.cli import cli, on_rank_zero
+from nexttools.cli import on_rank_zero
 from nexttools.cli.options import declared
 from nexttools.console import console
 from nexttools.extract import ExtractOptions, ExtractSummary, extract
 
 
-@cli.command("extract")
+@click.command("extract")
 @declared(ExtractOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def extract_command(as_json: bool, **values: Any) -> None:

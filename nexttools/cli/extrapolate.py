@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from nexttools.cli import cli, on_rank_zero
+from nexttools.cli import on_rank_zero
 from nexttools.cli.options import command_line, declared
 from nexttools.console import console
 from nexttools.extrapolate import ExtrapolateOptions, extrapolate
@@ -31,7 +31,7 @@ EPILOG = "\n\n".join(
 )
 
 
-@cli.command("extrapolate", epilog=EPILOG)
+@click.command("extrapolate", epilog=EPILOG)
 @declared(ExtrapolateOptions)
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Then push the output.")
 @declared(PushOptions, only=("private", "token", "endpoint"))

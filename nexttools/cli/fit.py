@@ -9,7 +9,6 @@ from typing import Any
 import click
 from rich.table import Table
 
-from nexttools.cli import cli
 from nexttools.cli.options import declared
 from nexttools.cli.tables import diverging, method_header
 from nexttools.console import console
@@ -17,7 +16,7 @@ from nexttools.fit import FitOptions, FitResult, fit
 from nexttools.methods import METHODS
 
 
-@cli.command("fit")
+@click.command("fit")
 @declared(FitOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the back-test and predictor as JSON on stdout.")
 def fit_command(as_json: bool, **values: Any) -> None:

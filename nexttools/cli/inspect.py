@@ -10,14 +10,13 @@ import click
 import numpy as np
 from rich.table import Table
 
-from nexttools.cli import cli
 from nexttools.cli.options import declared
 from nexttools.cli.tables import diverging, method_header
 from nexttools.console import console
 from nexttools.inspect_run import Inspection, InspectOptions, inspect
 
 
-@cli.command("inspect")
+@click.command("inspect")
 @declared(InspectOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
 def inspect_command(as_json: bool, **values: Any) -> None:

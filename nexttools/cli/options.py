@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import click
 
-from nexttools.card import scrub_secrets
 from nexttools.errors import UserError
 from nexttools.options import MAX_COUNT, MAX_STEP, OPTION_KEY, OptionSpec, parse_size
+from nexttools.secrets_scrub import scrub_secrets
 
 F = TypeVar("F", bound=Callable[..., object])
 

@@ -7,13 +7,12 @@ from typing import Any
 
 import click
 
-from nexttools.cli import cli
 from nexttools.cli.options import declared
 from nexttools.console import console
 from nexttools.hub import PushOptions, push
 
 
-@cli.command("push")
+@click.command("push")
 @declared(PushOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def push_command(as_json: bool, **values: Any) -> None:
