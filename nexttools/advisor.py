@@ -37,7 +37,7 @@ from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.evaluation import DEFAULT_TIMEOUT, EvalCommand, ScoreCache, model_fingerprint, run_eval
 from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
-from nexttools.options import device_option, option, store_option, workdir_option
+from nexttools.options import CheckedOptions, device_option, option, store_option, workdir_option
 from nexttools.outputs import OutputRequest, get_output
 from nexttools.predictor import (
     DEFAULT_DEPTH,
@@ -64,7 +64,7 @@ _SHARD_SIZE = 5 * 10**9
 
 
 @dataclass(frozen=True)
-class BacktestOptions:
+class BacktestOptions(CheckedOptions):
     """Inputs of :func:`backtest`. ``origin`` is a checkpoint's *step* (None: k checkpoints before the
     last); ``methods`` empty means every registered one; ``device`` as for ``fit``."""
 
@@ -93,9 +93,14 @@ class BacktestOptions:
         "Origins to jump from, ⌈k/2⌉ checkpoints apart, ending at --origin: worth is their mean ± sd.",
         kind="count",
     )
-    alphas: tuple[float, ...] = option(DEFAULT_ALPHAS, "α to try (repeat the option).", flag="--alpha")
+    alphas: tuple[float, ...] = option(
+        DEFAULT_ALPHAS, "α to try (repeat the option).", flag="--alpha", kind="alpha"
+    )
     methods: tuple[str, ...] = option(
-        (), "Method to try (repeat the option) [default: every one].", flag="--method", choices=tuple(METHODS)
+        (),
+        "Method to try (repeat the option) [default: every one].",
+        flag="--method",
+        choices=lambda: tuple(METHODS),
     )
     device: str = device_option()
 
@@ -199,8 +204,8 @@ def _listing(steps: np.ndarray) -> str:
 def backtest(options: BacktestOptions) -> Verdict:
     """Score every (method, α) jump from the origin and the real checkpoints after it (module docstring)."""
     command = options.eval_command  # checked before anything is read
-    if not options.alphas or not all(math.isfinite(a) and a > 0 for a in options.alphas):
-        raise UserError("--alpha values must be finite and > 0")
+    if not options.alphas or 0.0 in options.alphas:
+        raise UserError("--alpha 0 claims no steps, so there is nothing to score: give α > 0")
     methods = [get_method(name) for name in options.methods] if options.methods else list(METHODS.values())
     workdir = Path(options.workdir)
     store_path = Workdir(workdir, options.store).existing_store()

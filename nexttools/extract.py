@@ -33,13 +33,12 @@ from nexttools.checkpoints.discover import discover_checkpoints
 from nexttools.consistency import Consistency, consistency, gram_lags
 from nexttools.console import progress, warn
 from nexttools.device import resolve_device
-from nexttools.errors import UserError
 from nexttools.extract_plan import Plan, plan_rows
 from nexttools.extract_ranks import ModuleResult, module_results
 from nexttools.extract_sources import ModuleWindow, Source, open_source
 from nexttools.jump_record import jumped_steps
 from nexttools.lowrank import Rank1, align_sign
-from nexttools.options import argument, device_option, option, store_option, workdir_option
+from nexttools.options import CheckedOptions, argument, device_option, option, store_option, workdir_option
 from nexttools.ranks import Ranks, joined, together
 from nexttools.store import (
     KINDS,
@@ -59,7 +58,7 @@ from nexttools.workdir import Workdir
 
 
 @dataclass(frozen=True)
-class ExtractOptions:
+class ExtractOptions(CheckedOptions):
     """Inputs of :func:`extract`; each field is also its command-line option (:mod:`nexttools.options`).
 
     ``steps`` is an inclusive (lo, hi) step range (either end open), ``every`` keeps every N-th
@@ -141,10 +140,6 @@ class ExtractSummary:
 
 def extract(options: ExtractOptions) -> ExtractSummary:
     """Extract (or bring up to date) the trajectory store of ``options.run``; see the module docstring."""
-    if options.k < 1:
-        raise UserError(f"--k must be at least 1, got {options.k}")
-    if options.every is not None and options.every < 1:
-        raise UserError(f"--every must be at least 1, got {options.every}")
     with joined(resolve_device(options.device)) as ranks:
         summary = _extract(options, ranks)
     if summary.checkpoints < options.k + 2:

@@ -13,7 +13,6 @@ write the model card and, last, the manifest, and rename the folder into place.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +32,7 @@ from nexttools.jump_record import JumpEntry, record_jump
 from nexttools.lowrank import LowRankFactors
 from nexttools.manifest import BaseRecord, CheckpointRecord, Manifest, write_manifest
 from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
-from nexttools.options import device_option, option, store_option, workdir_option
+from nexttools.options import CheckedOptions, device_option, option, store_option, workdir_option
 from nexttools.outputs import OUTPUTS, OutputFormat, OutputPlan, OutputRequest, get_output
 from nexttools.predictor.saved import load_predictor, read_config, recorded_backtest
 from nexttools.ranks import Ranks, joined, together
@@ -52,7 +51,7 @@ ALPHA_WARNING = 4.0  # the paper reports instability beyond this
 
 
 @dataclass(frozen=True)
-class ExtrapolateOptions:
+class ExtrapolateOptions(CheckedOptions):
     """Inputs of :func:`extrapolate`; each field is also its command-line option (:mod:`nexttools.options`).
 
     ``method`` and ``format`` name entries of the method and output registries. ``store``
@@ -62,17 +61,17 @@ class ExtrapolateOptions:
     """
 
     alpha: float | None = option(
-        None, "Extending coefficient α: Ŵ = W_c + α·T̂.  [default: backtest's, else 1.5]"
+        None, "Extending coefficient α: Ŵ = W_c + α·T̂.  [default: backtest's, else 1.5]", kind="alpha"
     )
     method: str | None = option(
         None,
         "How T̂ is predicted (listed below).  [default: backtest's recommendation, else fit's best]",
-        choices=tuple(METHODS),
+        choices=lambda: tuple(METHODS),
     )
     format: str | None = option(
         None,
         "What is written (listed below).  [default: in place: base (LoRA), checkpoint, else merged]",
-        choices=tuple(OUTPUTS),
+        choices=lambda: tuple(OUTPUTS),
     )
     force: bool = option(
         False, "Skip the check that refuses a jump larger than half its module's weight norm."
@@ -80,9 +79,7 @@ class ExtrapolateOptions:
     out: Path | None = option(
         None, "Output folder.  [default: <workdir>/extrapolated-alpha{α}[-{method}][-{format}]]"
     )
-    dtype: str | None = option(
-        None, "Output dtype.  [default: the base's]", choices=("bfloat16", "float16", "float32")
-    )
+    dtype: str | None = option(None, "Output dtype.  [default: the base's]", choices=lambda: tuple(DTYPES))
     max_shard_size: int = option(
         5 * 10**9, "Largest safetensors shard in bytes (5GB, 500MB, 2GiB...).", kind="size"
     )
@@ -140,20 +137,6 @@ class ExtrapolateSummary:
             "dry_run": self.dry_run,
             "warnings": self.warnings,
         }
-
-
-def _check_options(options: ExtrapolateOptions) -> None:
-    """Refuse impossible options before anything is read."""
-    if options.method is not None:
-        get_method(options.method)
-    if options.format is not None:
-        get_output(options.format)
-    if options.dtype is not None and options.dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {options.dtype!r} (choose from {', '.join(DTYPES)})")
-    if options.alpha is not None and (not math.isfinite(options.alpha) or options.alpha < 0):
-        raise UserError(f"--alpha must be a finite number ≥ 0, got {options.alpha}")
-    if options.max_shard_size <= 0:
-        raise UserError(f"--max-shard-size must be positive, got {options.max_shard_size} bytes")
 
 
 def _alpha_warning(alpha: float) -> list[str]:
@@ -293,7 +276,6 @@ def extrapolate(options: ExtrapolateOptions) -> ExtrapolateSummary:
 
 
 def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummary:
-    _check_options(options)
     workdir = Workdir(options.workdir, options.store)
     store_path = workdir.existing_store()
     out_dtype = DTYPES[options.dtype] if options.dtype else None

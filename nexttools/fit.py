@@ -40,7 +40,7 @@ from nexttools.console import warn
 from nexttools.device import resolve_device
 from nexttools.errors import UserError
 from nexttools.methods import METHODS
-from nexttools.options import device_option, option, store_option, workdir_option
+from nexttools.options import CheckedOptions, device_option, option, store_option, workdir_option
 from nexttools.predictor import (
     DEFAULT_DEPTH,
     DEFAULT_EPOCHS,
@@ -65,7 +65,7 @@ from nexttools.workdir import Workdir
 
 
 @dataclass(frozen=True)
-class FitOptions:
+class FitOptions(CheckedOptions):
     """Inputs of :func:`fit`. ``store`` defaults to ``<workdir>/trajectory.h5``; ``holdout`` to
     :func:`default_holdout`; ``device`` is ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``."""
 
@@ -86,7 +86,9 @@ class FitOptions:
         "Replace a predictor trained on another store file (refitting the same, grown store needs none).",
     )
     alpha: float = option(
-        1.0, "α at which the full-space skill S of every method is scored (α* is reported beside it)."
+        1.0,
+        "α at which the full-space skill S of every method is scored (α* is reported beside it).",
+        kind="alpha",
     )
 
 
@@ -322,10 +324,6 @@ def _verdict(methods: dict[str, MethodScore | None]) -> tuple[str, str]:
 def fit(options: FitOptions) -> FitResult:
     """Back-test, refit and save the predictor for the store in ``options`` (see the module docstring)."""
     store_path = Workdir(options.workdir, options.store).store
-    if options.epochs < 1 or options.width < 1 or options.depth < 1 or not options.lr > 0:
-        raise UserError("--epochs, --width and --depth must be ≥ 1 and --lr > 0")
-    if not math.isfinite(options.alpha):
-        raise UserError("--alpha must be a finite number")
     device = resolve_device(options.device)
     with open_store(store_path) as store:
         return _fit(options, store, store_path, device)

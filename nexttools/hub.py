@@ -38,7 +38,7 @@ from nexttools.card import CARD_NAME, render_model_card
 from nexttools.console import console
 from nexttools.errors import UserError
 from nexttools.manifest import MANIFEST_NAME, Manifest, verify_output
-from nexttools.options import argument, option
+from nexttools.options import CheckedOptions, argument, option
 from nexttools.safe_files import new_folder
 
 MAX_FILE_BYTES = 50 * 10**9
@@ -71,7 +71,7 @@ class PushResult:
 
 
 @dataclass(frozen=True)
-class PushOptions:
+class PushOptions(CheckedOptions):
     """Inputs of :func:`push`; each field is also its command-line option (:mod:`nexttools.options`).
 
     An existing public repo is refused under ``private`` rather than silently published to (the Hub

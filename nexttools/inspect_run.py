@@ -28,7 +28,7 @@ from nexttools.consistency import Consistency, consistency
 from nexttools.console import warn
 from nexttools.errors import UserError
 from nexttools.lowrank import energy_ratio
-from nexttools.options import option, store_option, workdir_option
+from nexttools.options import CheckedOptions, option, store_option, workdir_option
 from nexttools.predictor.saved import recorded_backtest
 from nexttools.run import OpenedRun
 from nexttools.store import TrajectoryStore, open_store
@@ -108,7 +108,7 @@ def _bin_label(lo: float, hi: float) -> str:
 
 
 @dataclass(frozen=True)
-class InspectOptions:
+class InspectOptions(CheckedOptions):
     """Inputs of :func:`inspect`: the store in ``workdir`` (or at ``store``), and where to draw."""
 
     workdir: Path = workdir_option()

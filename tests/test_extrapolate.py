@@ -481,7 +481,7 @@ def _expect_error(args: list[str], match: str, monkeypatch, capsys) -> str:
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["--alpha", "-0.5"], "--alpha must be"),
+        (["--alpha", "-0.5"], "'--alpha'"),
         (["--alpha", "nan"], "--alpha must be"),
         (["--max-shard-size", "big"], "cannot read the size"),
         (["--alpha", "1e30", "--dtype", "float16", "--force", "--method", "next"], "non-finite values"),

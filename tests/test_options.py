@@ -9,6 +9,7 @@ import pytest
 
 from nexttools.advisor import BacktestOptions
 from nexttools.cli import cli
+from nexttools.errors import UserError
 from nexttools.extract import ExtractOptions
 from nexttools.extrapolate import ExtrapolateOptions
 from nexttools.fit import FitOptions
@@ -67,3 +68,32 @@ def test_values_are_parsed_and_checked_by_the_field_kind() -> None:
 def test_a_bad_value_is_one_clear_line(args, fragment, capsys, monkeypatch) -> None:
     code, _, err = invoke(args, capsys, monkeypatch)
     assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize(
+    ("options_class", "values", "message"),
+    [
+        (FitOptions, {"epochs": 0}, "--epochs must be a whole number from 1 to"),
+        (FitOptions, {"lr": float("nan")}, "--lr must be a finite number > 0"),
+        (FitOptions, {"alpha": -1.0}, "--alpha must be a finite number ≥ 0"),
+        (ExtractOptions, {"run": Path("r"), "k": True}, "--k must be a whole number"),
+        (ExtractOptions, {"run": Path("r"), "steps": (9, 3)}, "--steps must have LO ≤ HI"),
+        (ExtrapolateOptions, {"method": "bogus"}, "--method must be one of next, "),
+        (ExtrapolateOptions, {"max_shard_size": 0}, "--max-shard-size must be a positive number of bytes"),
+        (BacktestOptions, {"eval_cmd": "x", "alphas": (1.0, float("inf"))}, "--alpha must be a finite"),
+    ],
+)
+def test_options_check_themselves_when_made_from_python(options_class, values, message) -> None:
+    """The same rule holds without the command line: the core never re-checks an option's kind."""
+    with pytest.raises(UserError, match=message.replace("(", r"\(")) as refused:
+        options_class(**values)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_registry_choice_is_read_when_the_options_are_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nexttools.methods import METHODS
+
+    with pytest.raises(UserError, match="--method must be one of"):
+        ExtrapolateOptions(method="later")
+    monkeypatch.setitem(METHODS, "later", METHODS["last-interval"])
+    assert ExtrapolateOptions(method="later").method == "later"

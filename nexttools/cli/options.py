@@ -70,6 +70,7 @@ _KIND_TYPES: dict[str, click.ParamType] = {
     "step": click.IntRange(min=0, max=MAX_STEP),
     "seed": click.IntRange(min=0, max=2**63 - 1),
     "positive": click.FloatRange(min=0, min_open=True),
+    "alpha": click.FloatRange(min=0),
     "size": ByteSize(),
     "steps": StepRange(),
     "dir": click.Path(file_okay=False, path_type=Path),
@@ -94,15 +95,16 @@ def _unwrap(annotation: object) -> tuple[object, bool]:
 
 def _param(field: dataclasses.Field[Any], annotation: object, spec: OptionSpec) -> Callable[[F], F]:
     element, multiple = _unwrap(annotation)
-    if spec.choices is not None:
-        kind: click.ParamType | type = click.Choice(list(spec.choices))
+    allowed = spec.allowed()
+    if allowed is not None:
+        kind: click.ParamType | type = click.Choice(list(allowed))
     elif spec.kind in _KIND_TYPES:
         kind = _KIND_TYPES[spec.kind]
     else:
         kind = _PLAIN_TYPES.get(element, str)
     if spec.argument:
         return click.argument(field.name, type=kind, metavar=spec.metavar)
-    flag = spec.flag or "--" + field.name.replace("_", "-")
+    flag = spec.spelled(field.name)
     settings: dict[str, Any] = {"help": spec.help, "metavar": spec.metavar}
     if field.default is dataclasses.MISSING:
         settings["required"] = True
