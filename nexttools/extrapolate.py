@@ -34,11 +34,11 @@ from nexttools.manifest import BaseRecord, CheckpointRecord, Manifest, write_man
 from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
 from nexttools.options import CheckedOptions, device_option, option, store_option, workdir_option
 from nexttools.outputs import OUTPUTS, OutputFormat, OutputPlan, OutputRequest, get_output
-from nexttools.predictor.saved import load_predictor, read_config, recorded_backtest
 from nexttools.ranks import Ranks, joined, together
+from nexttools.records import StoreRecords
 from nexttools.run import OpenedRun
 from nexttools.store import open_store
-from nexttools.verdict import read_verdict, warn_if_judged
+from nexttools.verdict import warn_if_judged
 from nexttools.workdir import Workdir
 from nexttools.writer import check_destination, staged_folder
 
@@ -195,6 +195,8 @@ def _manifest(
     options: ExtrapolateOptions,
     choice: Choice,
     run: OpenedRun,
+    records: StoreRecords,
+    method: Method,
     output: OutputFormat,
     plan: OutputPlan,
     base_id: str | None,
@@ -202,7 +204,7 @@ def _manifest(
 ) -> Manifest:
     store = run.store
     weights = output.weights(run.kind)
-    config = read_config(Path(options.workdir)) if get_method(choice.method).needs_predictor else None
+    config = records.config if method.needs_predictor else None
     return Manifest(
         nexttools_version=__version__,
         command=options.command,
@@ -227,8 +229,8 @@ def _manifest(
         ),
         store={"path": str(store.path), "fingerprint": store.fingerprint()},
         predictor=config.manifest_entry() if config else None,
-        backtest=recorded_backtest(options.workdir, store),
-        verdict=read_verdict(options.workdir, store),
+        backtest=records.backtest,
+        verdict=records.verdict,
     )
 
 
@@ -282,14 +284,15 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
     device = ranks.device
     with open_store(store_path) as store:
         run = OpenedRun(store)
-        verdict = read_verdict(options.workdir, store)
+        records = StoreRecords(Path(options.workdir), store)
+        verdict = records.verdict
         choice = choose(
             options.method,
             options.alpha,
             options.format,
             run,
             verdict,
-            recorded_backtest(options.workdir, store),
+            records.backtest,
             out_dtype,
         )
         method, output = get_method(choice.method), get_output(choice.format)
@@ -304,7 +307,7 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
                 f"--format {output.name} starts another run"
             )
         warnings += warn_if_judged(verdict, method.name, choice.alpha)
-        predictor = load_predictor(Path(options.workdir), store) if method.needs_predictor else None
+        predictor = records.predictor() if method.needs_predictor else None
         jump = method.jump(JumpRequest(run=run, alpha=choice.alpha, predictor=predictor))
         warnings += check_jump_size(run, method.name, jump, force=options.force)
         base_id, id_warnings = _base_id(options, run)
@@ -344,7 +347,9 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
                 plan.write(staging, ranks)
                 if not ranks.writer:
                     return summary
-                manifest = _manifest(options, choice, run, output, plan, base_id, jump.target_step)
+                manifest = _manifest(
+                    options, choice, run, records, method, output, plan, base_id, jump.target_step
+                )
                 write_model_card(staging, manifest)
                 write_manifest(staging, manifest)
                 files = {

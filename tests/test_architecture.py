@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lowrank", "dense_rank1", "base_shifts"),
     ("store",),
     ("predictor", "run", "frobenius", "consistency", "worth", "evaluation", "verdict"),
+    ("records",),
     ("methods",),
     ("outputs", "writer", "skill"),
     ("card",),

@@ -180,11 +180,14 @@ def save_predictor(workdir: Path, predictor: TrainedPredictor, config: Predictor
     return weights, config_path
 
 
-def load_predictor(workdir: Path, store: TrajectoryStore | Trajectory) -> TrainedPredictor:
+def load_predictor(
+    workdir: Path, store: TrajectoryStore | Trajectory, config: PredictorConfig | None = None
+) -> TrainedPredictor:
     """The predictor saved in ``workdir``, checked against ``store``'s fingerprint (``UserError`` if
-    missing, incomplete, or trained on another store)."""
+    missing, incomplete, or trained on another store). ``config``: its ``predictor.json``, when the
+    caller has read it already (:class:`nexttools.records.StoreRecords`)."""
     workdir = Path(workdir)
-    config = read_config(workdir)
+    config = config or read_config(workdir)
     weights = Workdir(workdir).predictor_weights
     if config is None or not weights.is_file():
         raise UserError(f"no predictor in {workdir}: run `nexttools fit` first")
