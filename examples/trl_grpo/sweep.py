@@ -136,10 +136,14 @@ def arm_metrics(document: dict, arm: Arm) -> dict:
         pairs = [(p[1], _at(baseline, p[0])[0]) for p in curve if p[0] > prefix]
         paired_end = sampled - _at(baseline, end)[0]
         paired_mean = statistics.fmean(a - b for a, b in pairs)
-    worth = predicted_steps = None
-    for result in document.get("backtest", {}).get("results", []):
+    worth = predicted_steps = predicted_steps_mean = None
+    backtest = document.get("backtest", {})
+    for result in backtest.get("results", []):  # from the latest origin (what one origin gives)
         if result["method"] == arm.method and result["alpha"] == arm.alpha:
             worth, predicted_steps = result["worth"], result["steps_worth"]
+    for spread in backtest.get("spreads", []):  # the mean over the origins (--origins)
+        if spread["method"] == arm.method and spread["alpha"] == arm.alpha:
+            predicted_steps_mean = spread["steps_worth_mean"]
     return {
         "after_jump": _at(curve, prefix)[0],
         "avg8": sampled,
@@ -151,6 +155,7 @@ def arm_metrics(document: dict, arm: Arm) -> dict:
         "paired_mean": paired_mean,
         "predicted_worth": worth,
         "predicted_steps": predicted_steps,
+        "predicted_steps_mean": predicted_steps_mean,
         "measured_steps": matched - end,
     }
 
@@ -211,12 +216,16 @@ def write_report(documents: list[dict], arms: list[Arm], folder: Path) -> dict:
     for d in documents:
         if "backtest" not in d:
             continue
+        metrics = [
+            arm_metrics(d, arm) for arm in arms if arm.protocol == "in-place" and arm.name in d["curves"]
+        ]
         pairs = [
-            (m["predicted_steps"], m["measured_steps"])
-            for arm in arms
-            if arm.protocol == "in-place" and arm.name in d["curves"]
-            for m in [arm_metrics(d, arm)]
-            if m["predicted_steps"] is not None
+            (m["predicted_steps"], m["measured_steps"]) for m in metrics if m["predicted_steps"] is not None
+        ]
+        means = [
+            (m["predicted_steps_mean"], m["measured_steps"])
+            for m in metrics
+            if m["predicted_steps_mean"] is not None
         ]
         advisor.append(
             {
@@ -226,6 +235,7 @@ def write_report(documents: list[dict], arms: list[Arm], folder: Path) -> dict:
                 "spearman_predicted_vs_measured_steps": rank_correlation(
                     [a for a, _ in pairs], [b for _, b in pairs]
                 ),
+                "spearman_mean_over_origins": rank_correlation([a for a, _ in means], [b for _, b in means]),
                 "pairs": len(pairs),
             }
         )
@@ -280,11 +290,13 @@ def markdown(summary: dict) -> str:
     for call in summary["advisor"]:
         chosen = call["recommendation"]
         verdict = "do not extrapolate" if chosen is None else f"{chosen['method']} at α={chosen['alpha']:g}"
-        rho = call["spearman_predicted_vs_measured_steps"]
+        rho, rho_mean = call["spearman_predicted_vs_measured_steps"], call.get("spearman_mean_over_origins")
         agreement = (
             ""
             if rho is None
             else f"; Spearman ρ(predicted, measured steps) = {rho:.2f} over {call['pairs']} arms"
+            " from the latest origin"
+            + ("" if rho_mean is None else f", {rho_mean:.2f} from the mean over the origins")
         )
         lines.append(f"- advisor, seed {call['seed']}: {verdict} ({call['reason']}){agreement}")
     return "\n".join(lines)
