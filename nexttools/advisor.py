@@ -34,6 +34,7 @@ import numpy as np
 
 from nexttools.console import progress
 from nexttools.device import resolve_device
+from nexttools.disk import require_free
 from nexttools.errors import UserError
 from nexttools.evaluation import DEFAULT_TIMEOUT, EvalCommand, ScoreCache, model_fingerprint, run_eval
 from nexttools.methods import METHODS, Jump, JumpRequest, Method, get_method
@@ -382,7 +383,7 @@ def _score_all(
                 bar.update(task, description=label)
                 folder = scratch / "model"
                 plan = output.plan(OutputRequest(run, jump, None, _SHARD_SIZE, None, device))
-                _check_space(scratch, sum(plan.files.values()))
+                require_free(scratch, sum(plan.files.values()), f"one back-test model in {scratch}")
                 folder.mkdir()
                 plan.write(folder, ALONE)
                 fingerprint = model_fingerprint(folder)
@@ -399,15 +400,6 @@ def _score_all(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return scores, evaluated, cached
-
-
-def _check_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise UserError(
-            f"the back-test writes one model of {needed / 1e9:.2f} GB at a time into {folder.parent}; "
-            f"{free / 1e9:.2f} GB are free"
-        )
 
 
 def recommend(spreads: list[Spread]) -> tuple[tuple[str, float] | None, str]:

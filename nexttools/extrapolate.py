@@ -26,6 +26,7 @@ from nexttools.card import write_model_card
 from nexttools.checkpoints.adapter import AdapterCheckpoint
 from nexttools.console import console, warn
 from nexttools.device import resolve_device
+from nexttools.disk import human_bytes
 from nexttools.errors import UserError
 from nexttools.extrapolate_choice import Choice, check_jump_size, choose
 from nexttools.jump_record import JumpEntry, record_jump
@@ -360,5 +361,5 @@ def _extrapolate(options: ExtrapolateOptions, ranks: Ranks) -> ExtrapolateSummar
                 shifts = _base_shifts(run, jump) if options.record and output.name == "base" else {}
         if options.record:  # once the output is in place: a failed write records nothing
             _record(Path(options.workdir), run, choice, jump.target_step, shifts)
-    console.print(f"wrote {out} ({len(files)} files, {sum(files.values()) / 1e6:.1f} MB)")
+    console.print(f"wrote {out} ({len(files)} files, {human_bytes(sum(files.values()))})")
     return replace(summary, files=files)

@@ -38,6 +38,7 @@ from typing import BinaryIO
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from nexttools.disk import free_bytes, human_bytes, require_free
 from nexttools.errors import UserError
 from nexttools.locking import exclusive_lock
 from nexttools.manifest import MANIFEST_NAME
@@ -340,10 +341,6 @@ def check_destination(out: Path, *, overwrite: bool) -> None:
         raise UserError(f"refusing to overwrite {out}: it is not a nexttools output (no {MANIFEST_NAME})")
 
 
-def _human(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
-
-
 @contextlib.contextmanager
 def staged_folder(out: Path, *, overwrite: bool, needed_bytes: int) -> Iterator[Path]:
     """Yield a hidden sibling folder to write the output into; rename it to ``out`` when the block ends.
@@ -366,21 +363,16 @@ def staged_folder(out: Path, *, overwrite: bool, needed_bytes: int) -> Iterator[
     with exclusive_lock(out.parent / f".{out.name}.lock", out):
         check_destination(out, overwrite=overwrite)  # again: another writer may have finished meanwhile
         _remove_stale_partials(out)
-        free = shutil.disk_usage(out.parent).free
-        if needed_bytes > free:
-            raise UserError(
-                f"not enough disk space for {out}: need {_human(needed_bytes)}, {_human(free)} free"
-            )
+        require_free(out.parent, needed_bytes, str(out))
         staging = new_folder(out.parent, _partial_prefix(out))
         try:
             yield staging
         except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-                free = shutil.disk_usage(out.parent).free
                 raise UserError(
-                    f"disk full while writing {out}: it needs {_human(needed_bytes)}, {_human(free)} free "
-                    "(partial output removed)"
+                    f"disk full while writing {out}: it needs {human_bytes(needed_bytes)}, "
+                    f"{human_bytes(free_bytes(out.parent))} free (partial output removed)"
                 ) from None
             raise
         _commit(staging, out)

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
         "safe_files",
         "jump_record",
         "launch",
+        "disk",
         "secrets_scrub",
         "locking",
         "manifest",

@@ -10,6 +10,7 @@ import click
 from nexttools.cli import on_rank_zero
 from nexttools.cli.options import command_line, declared
 from nexttools.console import console
+from nexttools.disk import human_bytes
 from nexttools.extrapolate import ExtrapolateOptions, extrapolate
 from nexttools.hub import PushOptions, push
 from nexttools.methods import METHODS
@@ -60,10 +61,10 @@ def extrapolate_command(
         console.print(
             f"dry run: would write {summary.out} ({summary.format}, {summary.method}, α = {summary.alpha:g}, "
             f"k = {summary.k}, {summary.dtype}, {summary.shards} shard(s), "
-            f"{summary.total_bytes / 1e6:.1f} MB)"
+            f"{human_bytes(summary.total_bytes)})"
         )
         for name, size in summary.files.items():
-            console.print(f"  {name}  {size / 1e6:.2f} MB")
+            console.print(f"  {name}  {human_bytes(size)}")
     document = summary.document()
     if push_to_hub and not options.dry_run and on_rank_zero():
         try:

@@ -14,13 +14,13 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from nexttools import __version__
+from nexttools.disk import free_bytes, human_bytes, require_free
 from nexttools.errors import UserError
 from nexttools.locking import exclusive_lock
 from nexttools.safe_files import create_new_file, same_file
@@ -118,14 +118,13 @@ class StoreWriter:
         """
         needed = estimated_bytes(self.layout)
         code = _fallocate_keep_size(self._fd, needed)
-        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (
-            code != 0 and shutil.disk_usage(self.partial.parent).free < needed
-        ):
-            free = shutil.disk_usage(self.partial.parent).free
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise UserError(
-                f"not enough disk space for {self.path}: it needs up to {needed / 1e6:.1f} MB, "
-                f"{free / 1e6:.1f} MB are free; nothing was changed"
+                f"not enough disk space for {self.path}: it needs up to {human_bytes(needed)}, "
+                f"{human_bytes(free_bytes(self.partial.parent))} are free; nothing was changed"
             )
+        if code != 0:  # fallocate is not supported here: the free space is all there is to check
+            require_free(self.partial.parent, needed, str(self.path))
 
     def _write_header(self) -> None:
         layout, file = self.layout, self._file
