@@ -450,3 +450,65 @@ def test_a_jump_too_large_is_not_made_and_the_run_goes_on(base: Path, tmp_path: 
     for name, tensor in before.lora[4].items():
         assert torch.equal(tensor, after.lora[4][name]), name  # nothing moved
     assert trainer.state.global_step == 6
+
+
+SCORE_SCRIPT = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, {root!r})
+from tests.test_jump_callback import score_of
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+print("loading done")
+print(score_of(model))
+"""
+
+
+def score_of(model: torch.nn.Module) -> float:
+    """Minus the loss of ``model`` on a fixed batch: what the test's eval command prints."""
+    rows = Tokens(16).rows
+    batch = {"input_ids": rows, "labels": rows}
+    with torch.no_grad():
+        return -float(model(**batch).loss)
+
+
+def test_the_merged_state_of_a_live_model_is_peft_s_merge(base: Path) -> None:
+    from nexttools.schedule.gates import merged_state_dict
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = merged_state_dict(model)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6, msg=name)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name  # the live model was only read
+
+
+def test_an_eval_command_gates_the_jump(base: Path, tmp_path: Path) -> None:
+    import sys
+
+    from nexttools.schedule.gates import EvalCommandGate
+
+    script = tmp_path / "score.py"
+    script.write_text(SCORE_SCRIPT.format(root=str(Path(__file__).resolve().parent.parent)))
+    seen: dict[int, float] = {}
+
+    class Before(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs) -> None:
+            seen[state.global_step] = score_of(model)
+
+    trainer = _trainer(base, tmp_path / "run", 4, [Before()])
+    gate = EvalCommandGate(f"{sys.executable} {script} {{model}}")
+    JumpCallback(tmp_path / "work", every=4, start=4, alpha=1.0, base=str(base), gate=gate).attach(trainer)
+    trainer.train()
+    (entry,) = read_jumps(tmp_path / "work")
+    assert entry.score_before == pytest.approx(seen[4], abs=1e-5)  # the live model, scored out of process
+    assert entry.score_after is not None and entry.kept == (entry.score_after >= entry.score_before)
