@@ -480,8 +480,16 @@ def test_the_merged_state_of_a_live_model_is_peft_s_merge(base: Path) -> None:
     torch.manual_seed(0)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            modules_to_save=["lm_head"],
+            init_lora_weights=False,
+        ),
     )
+    with torch.no_grad():  # the trained copy of a modules_to_save module differs from the original
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.01)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     merged = merged_state_dict(model)
     expected = copy.deepcopy(model).merge_and_unload().state_dict()

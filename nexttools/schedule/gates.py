@@ -28,8 +28,9 @@ _PEFT_PREFIX = "base_model.model."
 
 def merged_state_dict(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
     """The live PEFT ``model``'s weights as a plain model's state dict: each LoRA layer's weight is
-    its base layer's plus its delta (PEFT's ``get_delta_weight``), LoRA tensors dropped, names
-    without PEFT's prefixes. Copies: the model is not changed."""
+    its base layer's plus its delta (PEFT's ``get_delta_weight``), LoRA tensors dropped, a
+    ``modules_to_save`` module's trained copy in place of the original, names without PEFT's
+    prefixes. Copies: the model is not changed."""
     merged: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -37,9 +38,10 @@ def merged_state_dict(model: torch.nn.Module, adapter: str = "default") -> dict[
             if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
                 deltas[name.removeprefix(_PEFT_PREFIX) + ".weight"] = module.get_delta_weight(adapter)
         for name, tensor in model.state_dict().items():
-            if ".lora_" in name:
+            if ".lora_" in name or ".original_module." in name:  # modules_to_save: the trained copy wins
                 continue
             plain = name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+            plain = plain.replace(f".modules_to_save.{adapter}.", ".")
             value = tensor.detach()
             if plain in deltas:
                 value = (value.float() + deltas[plain].float()).to(value.dtype)
