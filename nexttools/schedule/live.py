@@ -259,8 +259,11 @@ def _fold_into_base(
                 f"{name} is tied to {owners[id(parameter)][1]}: folding a jump into it would move both; "
                 "jump with factor-linear, or untie the weights"
             )
-        if delta.shape != tuple(parameter.shape):
-            raise UserError(f"{name}: the live base weight's shape differs from the store's")
+        if not parameter.is_floating_point() or delta.shape != tuple(parameter.shape):
+            raise UserError(
+                f"{name}: the live base weight is quantized or shaped unlike the store's "
+                f"({parameter.dtype}, {tuple(parameter.shape)}): jump with factor-linear"
+            )
         shifts[name] = delta
     with torch.no_grad():
         for name, delta in shifts.items():
