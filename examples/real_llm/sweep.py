@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     documents = [run_seed(args, seed) for seed in args.seeds]
     report = summarize(documents)
     (args.out / "summary.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report["arms"], indent=1))
+    (args.out / "summary.md").write_text(markdown(report) + "\n")
+    plot(documents, args.out / "accuracy_vs_steps.png")
+    print(markdown(report))
     return documents
 
 
@@ -186,6 +188,46 @@ def summarize(documents: list[dict]) -> dict:
                 }
             )
     return {"arms": arms, "vanilla": {d["seed"]: d["curves"]["vanilla"] for d in documents}}
+
+
+def markdown(report: dict) -> str:
+    """One row per arm and seed: accuracy at the end, vanilla steps to match, saving."""
+    lines = [
+        "| arm | seed | accuracy @end | vanilla steps to match | saving |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, rows in report["arms"].items():
+        for row in rows:
+            bound = "≥ " if row["lower_bound"] else ""
+            saving = "–" if row["saving"] is None else f"{100 * row['saving']:+.1f} %"
+            matched = f"{bound}{row['steps_to_match']:.1f}"
+            lines.append(f"| {arm} | {row['seed']} | {100 * row['accuracy']:.1f} % | {matched} | {saving} |")
+    return "\n".join(lines)
+
+
+def plot(documents: list[dict], path: Path) -> None:
+    """Held-out accuracy against the RL step, vanilla and every arm (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for doc in documents:
+        for arm, curve in doc["curves"].items():
+            style = {"color": "black", "linewidth": 2} if arm == "vanilla" else {}
+            axes.plot(
+                [p[0] for p in curve], [p[1] for p in curve], label=f"{arm} (seed {doc['seed']})", **style
+            )
+    axes.set_xlabel("RL step")
+    axes.set_ylabel("held-out accuracy (greedy)")
+    axes.set_title("SmolLM2-135M-Instruct, LoRA GRPO (TRL)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
