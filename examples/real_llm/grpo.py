@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +86,7 @@ def train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from examples.trl_grpo.grpo import grpo_config
+    from examples.trl_grpo.grpo import grpo_config, timed_train
 
     pool = problems(256, seed=0)
     dataset = Dataset.from_dict({"prompt": [p.messages for p in pool], "answer": [p.answer for p in pool]})
@@ -112,11 +111,7 @@ def train(
         processing_class=AutoTokenizer.from_pretrained(model_dir, padding_side="left"),
         peft_config=lora,
     )
-    for hook in attach:
-        hook(trainer)
-    started = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-    return time.monotonic() - started
+    return timed_train(trainer, attach, resume_from)
 
 
 @torch.no_grad()
@@ -152,7 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.eval:
         print(f"{evaluate(args.model):.6f}")
         return

@@ -96,6 +96,16 @@ def grpo_config(
     )
 
 
+def timed_train(trainer: Any, attach: Sequence[Callable[[Any], object]], resume_from: Path | None) -> float:
+    """Call each hook of ``attach`` with ``trainer``, train (resuming ``resume_from`` in place when
+    given), and return the seconds the training loop took (model loading excluded)."""
+    for hook in attach:
+        hook(trainer)
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    return time.monotonic() - started
+
+
 def train_grpo(
     model_dir: Path,
     out_dir: Path,
@@ -171,8 +181,4 @@ def train_grpo(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    for hook in attach:
-        hook(trainer)
-    started = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-    return time.monotonic() - started
+    return timed_train(trainer, attach, resume_from)

@@ -30,7 +30,8 @@ def merged_state_dict(model: torch.nn.Module, adapter: str = "default") -> dict[
     """The live PEFT ``model``'s weights as a plain model's state dict: each LoRA layer's weight is
     its base layer's plus its delta (PEFT's ``get_delta_weight``), LoRA tensors dropped, a
     ``modules_to_save`` module's trained copy in place of the original, names without PEFT's
-    prefixes. Copies: the model is not changed."""
+    prefixes. Only the merged LoRA weights are new tensors; every other entry is the live tensor
+    itself, to be read (saved), never written."""
     merged: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -42,10 +43,10 @@ def merged_state_dict(model: torch.nn.Module, adapter: str = "default") -> dict[
                 continue
             plain = name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
             plain = plain.replace(f".modules_to_save.{adapter}.", ".")
-            value = tensor.detach()
+            value = tensor.detach()  # read only: no copy of a tensor the merge leaves as it is
             if plain in deltas:
                 value = (value.float() + deltas[plain].float()).to(value.dtype)
-            merged[plain] = value.clone()
+            merged[plain] = value
     return merged
 
 
